@@ -1,0 +1,82 @@
+"""Typed errors. The library raises these; `patchkit.cli` turns each into one line and an exit code.
+
+Every error carries the fields a caller may want to act on (which file, which tensor, what was
+expected and what was found) and a message that says what to do next.
+"""
+
+from __future__ import annotations
+
+
+class PatchkitError(Exception):
+    """Base class. `exit_code` is what the command line exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, **fields):
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(self.message.split("\n"))
+
+
+class PatchFormatError(PatchkitError):
+    """A patch file that is missing, truncated, not safetensors, or not a valid patchkit patch."""
+
+    exit_code = 3
+
+
+class CheckpointError(PatchkitError):
+    """A checkpoint folder that cannot be read or written as a safetensors checkpoint."""
+
+    exit_code = 4
+
+
+class BaseMismatchError(PatchkitError):
+    """A patch made for another base: shape, dtype or the touched rows' bytes differ."""
+
+    exit_code = 5
+
+
+class StateError(PatchkitError):
+    """The checkpoint's record of applied patches forbids the operation (not applied, applied twice,
+    reverted out of order, a child still applied...)."""
+
+    exit_code = 6
+
+
+class OutputExistsError(PatchkitError):
+    exit_code = 7
+
+
+class LockedError(PatchkitError):
+    """Another patchkit process is writing this checkpoint."""
+
+    exit_code = 8
+
+
+class DataError(PatchkitError):
+    """Labelled data or prompts that cannot be used (bad row, missing field, one class only)."""
+
+    exit_code = 9
+
+
+class ProbeError(PatchkitError):
+    """A probe file that is invalid, or made for another model."""
+
+    exit_code = 10
+
+
+class UnsupportedError(PatchkitError):
+    """An architecture, dtype or encoding that this version does not handle yet."""
+
+    exit_code = 11
+
+
+class HubError(PatchkitError):
+    """The Hub could not be reached or refused the request."""
+
+    exit_code = 12
