@@ -76,6 +76,12 @@ class UnsupportedError(PatchkitError):
     exit_code = 11
 
 
+class NonFiniteError(PatchkitError):
+    """Applying the edit would turn finite weights into inf or NaN."""
+
+    exit_code = 13
+
+
 class HubError(PatchkitError):
     """The Hub could not be reached or refused the request."""
 

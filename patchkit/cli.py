@@ -1,0 +1,223 @@
+"""The `patchkit` command: thin click commands that parse, call the library, and print.
+
+Errors are turned into one line and an exit code here, in `main`, and nowhere else; set
+PATCHKIT_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+
+import click
+
+from . import __version__
+from .errors import PatchkitError
+
+
+def _emit(ctx_json: bool, data: dict, human) -> None:
+    if ctx_json:
+        click.echo(json.dumps(data, sort_keys=True, default=str))
+    else:
+        human(data)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")(f)
+
+
+def _short(pid: str) -> str:
+    return pid[:12]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class CommandFailed(click.ClickException):
+    """A library error, shown as one line with the error's own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class PatchkitGroup(click.Group):
+    """The one place where errors become messages: PatchkitError and OSError, one line each."""
+
+    def invoke(self, ctx):
+        warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
+        try:
+            return super().invoke(ctx)
+        except PatchkitError as e:
+            if os.environ.get("PATCHKIT_DEBUG"):
+                raise
+            raise CommandFailed(str(e), e.exit_code) from None
+        except OSError as e:
+            if os.environ.get("PATCHKIT_DEBUG"):
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            raise CommandFailed(f"{e.strerror or e}{where}", 1) from None
+
+
+@click.group(cls=PatchkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="patchkit")
+def cli():
+    """Small, verifiable, reversible weight patches for safetensors checkpoints."""
+
+
+# ---- inspect ----------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("patch")
+@json_option
+def inspect(patch, as_json):
+    """Show what PATCH edits, how big it is, which base it is for, and how it was made."""
+    from .format import Patch
+    from .sources import resolve_patch
+
+    s = Patch.load(resolve_patch(patch)).summary()
+
+    def human(s):
+        click.echo(f"patch      {s['id']}")
+        click.echo(f"format     {s['format']}, {_fmt_bytes(s['bytes'])}")
+        base = s["base"]
+        click.echo(f"base       {base.get('model_id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""))
+        prov = s["provenance"]
+        click.echo(f"method     {prov.get('method', '?')} {json.dumps(prov.get('params', {}), sort_keys=True)}")
+        if s["parents"]:
+            click.echo(f"parents    {', '.join(_short(p) for p in s['parents'])}")
+        click.echo(f"rows       {s['rows']} in {len(s['tensors'])} tensor(s)")
+        for t in s["tensors"]:
+            click.echo(f"  {t['name']:<48} {t['rows']:>7} / {t['of_rows']:<7} {t['encoding']:<9} {t['dtype']} {t['shape']}")
+        if s["eval"]:
+            click.echo(f"eval       {json.dumps(s['eval'], sort_keys=True)}")
+
+    _emit(as_json, s, human)
+
+
+# ---- apply / revert ---------------------------------------------------------------------------------
+def _write_options(f):
+    f = click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")(f)
+    f = click.option("--force", is_flag=True, help="Go on when the checkpoint's rows differ from the patch's base.")(f)
+    f = click.option("--in-place", is_flag=True, help="Rewrite only the touched rows inside CHECKPOINT itself.")(f)
+    f = click.option("-o", "--output", type=click.Path(), help="Write the result to this new folder.")(f)
+    return f
+
+
+def _check_target(output, in_place):
+    if bool(output) == bool(in_place):
+        raise click.UsageError("give exactly one of -o/--output or --in-place")
+
+
+def _report_write(verb):
+    def human(r):
+        what = ", ".join(_short(p) for p in r["patches"])
+        if r["dry_run"]:
+            click.echo(f"would {verb} {what}: {r['rows']} rows in {len(r['tensors'])} tensor(s), files {', '.join(r['files'])}")
+            return
+        done = {"apply": "applied", "revert": "reverted"}[verb]
+        click.echo(f"{done} {what}: {r['rows']} rows in {len(r['tensors'])} tensor(s) -> {r['output']}")
+        if r["forced"]:
+            click.echo(f"warning: forced onto a different base: {', '.join(_short(p) for p in r['forced'])}", err=True)
+        if not r.get("exact", True):
+            click.echo(
+                f"warning: no undo record: deltas subtracted, the result is approximate "
+                f"(largest possible error {r['max_error_ulps']:.1f} ulps)",
+                err=True,
+            )
+
+    return human
+
+
+@cli.command()
+@click.argument("patches", nargs=-1, required=True)
+@click.argument("checkpoint", type=click.Path())
+@_write_options
+@click.option("--link", is_flag=True, help="With -o: hard-link untouched shards instead of copying them.")
+@json_option
+def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, link, as_json):
+    """Bake PATCHES (in order, in one pass) into CHECKPOINT."""
+    from . import ops
+
+    _check_target(output, in_place)
+    r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run)
+    _emit(as_json, r, _report_write("apply"))
+
+
+@cli.command()
+@click.argument("patch")
+@click.argument("checkpoint", type=click.Path())
+@_write_options
+@json_option
+def revert(patch, checkpoint, output, in_place, force, overwrite, dry_run, as_json):
+    """Take PATCH (a file, or an applied patch's id) out of CHECKPOINT again, bit for bit."""
+    from . import ops
+
+    _check_target(output, in_place)
+    r = ops.revert(patch, checkpoint, output, in_place=in_place, force=force, overwrite=overwrite, dry_run=dry_run)
+    _emit(as_json, r, _report_write("revert"))
+
+
+# ---- status -------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@json_option
+def status(checkpoint, as_json):
+    """List the patches applied to CHECKPOINT and whether their rows are still as apply left them."""
+    from . import ops
+
+    r = ops.status(checkpoint)
+
+    def human(r):
+        if r["recovered"]:
+            click.echo("recovered: an interrupted write was rolled back")
+        if not r["applied"]:
+            click.echo(f"{r['checkpoint']}: no patches applied")
+        for i, a in enumerate(r["applied"], 1):
+            state = "intact" if a["intact"] else "CHANGED: " + ", ".join(a["changed_tensors"])
+            extra = " (forced)" if a["forced"] else ""
+            click.echo(f"{i}. {_short(a['id'])}  {a['rows']} rows  {state}{extra}  {a['source'] or ''}")
+
+    _emit(as_json, r, human)
+
+
+# ---- diff ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("edited", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the patch.")
+@click.option("--max-changed", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Refuse tensors changed in more than this fraction of their rows.")
+@click.option("--full", is_flag=True, help="Include such tensors as whole-tensor replacements instead.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@click.option("--description", help="A line of text stored in the patch.")
+@json_option
+def diff(base, edited, output, max_changed, full, overwrite, description, as_json):
+    """Make a patch that turns checkpoint BASE into checkpoint EDITED."""
+    from pathlib import Path
+
+    from .diffing import diff as run_diff
+    from .errors import OutputExistsError
+
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    patch = run_diff(base, edited, output, max_changed=max_changed, full=full, description=description)
+    s = patch.summary()
+    r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"]}
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {r['output']}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])}"))
+
+
+def main(argv=None):
+    """Entry point of the `patchkit` console script."""
+    cli.main(args=argv, prog_name="patchkit")

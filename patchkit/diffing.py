@@ -1,0 +1,125 @@
+"""diff: a patch from two checkpoints of the same model, streamed tensor by tensor.
+
+The patch reproduces the edited checkpoint bit for bit when applied to the base: rows are stored
+as float32 deltas (factored when every row is a multiple of one vector) when adding them back
+gives exactly the edited bytes, and as replacement values in the tensor's dtype otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .dtypes import FLOAT_DTYPES, STORAGE, to_float
+from .errors import BaseMismatchError, PatchkitError
+from .format import Patch, TensorEdit, make_edit, rows_hash
+from .stfile import read_rows
+
+CHUNK_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_CHANGED = 0.5
+
+
+class TooDenseError(PatchkitError):
+    exit_code = 14
+
+
+def _changed_rows(info_a, info_b) -> np.ndarray:
+    """Indices of rows whose bytes differ, read in chunks so memory stays bounded."""
+    per = max(1, CHUNK_BYTES // max(1, info_a.row_bytes))
+    changed = []
+    with open(info_a.file, "rb") as fa, open(info_b.file, "rb") as fb:
+        for start in range(0, info_a.n_rows, per):
+            rows = np.arange(start, min(start + per, info_a.n_rows), dtype=np.int64)
+            a, b = read_rows(info_a, rows, fa), read_rows(info_b, rows, fb)
+            changed.append(rows[np.any(a != b, axis=1)])
+    return np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
+
+
+def _edit_for(name, info, rows, old, new) -> TensorEdit:
+    """The most compact encoding that reproduces `new` exactly from `old`."""
+    shape, dtype = tuple(info.shape), info.dtype
+    elems = np.ascontiguousarray(new).view(STORAGE[dtype]).reshape(len(rows), -1)
+    if dtype in FLOAT_DTYPES and dtype != "F64":
+        with np.errstate(invalid="ignore", over="ignore"):
+            delta = (to_float(new, dtype) - to_float(old, dtype)).astype(np.float32)
+        if np.all(np.isfinite(delta)):
+            for factor in (True, False):
+                edit = make_edit(name, shape, dtype, rows, old, delta=delta, factor=factor)
+                if factor and edit.encoding == "dense":
+                    edit = _loose_factored(name, shape, dtype, rows, old, new, delta) or edit
+                if np.array_equal(edit.new_rows(old), new):
+                    return edit
+    return make_edit(name, shape, dtype, rows, old, values=elems.copy())
+
+
+def _loose_factored(name, shape, dtype, rows, old, new, delta):
+    """A factored edit whose rows, once rounded to the checkpoint's dtype, equal `new` exactly.
+
+    An edit made as `w + s * v` and saved in bf16 diffs to deltas that are only approximately a
+    multiple of `v`; the factored form still reproduces the edited bytes, at a fraction of the size.
+    """
+    d64 = delta.astype(np.float64)
+    v = d64[int(np.argmax(np.einsum("ij,ij->i", d64, d64)))]
+    vv = float(v @ v)
+    if vv == 0:
+        return None
+    direction = v.astype(np.float32)
+    scale = (d64 @ v / vv).astype(np.float32)
+    if np.all(scale == scale[0]):
+        scale = scale[:1]
+    edit = TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=direction, scale=scale)
+    try:
+        edit.validate()
+    except PatchkitError:
+        return None
+    if not np.array_equal(edit.new_rows(old), new):
+        return None
+    edit.result_sha256 = rows_hash(new)
+    return edit
+
+
+def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=False, description=None) -> Patch:
+    """Compare two checkpoints and return (and with `output`, save) the patch from base to edited."""
+    a, b = Checkpoint(base), Checkpoint(edited)
+    only_a, only_b = sorted(set(a.tensors) - set(b.tensors)), sorted(set(b.tensors) - set(a.tensors))
+    if only_a or only_b:
+        which, name = ("base", only_a[0]) if only_a else ("edited checkpoint", only_b[0])
+        raise BaseMismatchError(f"the checkpoints hold different tensors: only the {which} has {name}", tensor=name)
+    edits, dense = {}, []
+    for name in sorted(a.tensors):
+        ia, ib = a.tensors[name], b.tensors[name]
+        if ia.shape != ib.shape or ia.dtype != ib.dtype:
+            raise BaseMismatchError(
+                f"tensor {name} is {ia.dtype} {list(ia.shape)} in the base but {ib.dtype} {list(ib.shape)} in the edited checkpoint",
+                tensor=name,
+            )
+        rows = _changed_rows(ia, ib)
+        if len(rows) == 0:
+            continue
+        frac = len(rows) / ia.n_rows
+        if frac > max_changed:
+            if not full:
+                dense.append((name, frac))
+                continue
+            rows = np.arange(ia.n_rows, dtype=np.int64)
+        edits[name] = _edit_for(name, ia, rows, read_rows(ia, rows), read_rows(ib, rows))
+    if dense:
+        listed = ", ".join(f"{n} ({f:.0%})" for n, f in dense[:3]) + (f" and {len(dense) - 3} more" if len(dense) > 3 else "")
+        raise TooDenseError(
+            f"{len(dense)} tensor(s) changed in more than {max_changed:.0%} of their rows: {listed}; "
+            "pass --full to include them as whole-tensor replacements",
+            tensors=[n for n, _ in dense],
+        )
+    if not edits:
+        raise PatchkitError("the checkpoints are identical: there is nothing to put in a patch")
+    patch = Patch(
+        edits=edits,
+        base_model=a.config.get("_name_or_path") or None,
+        provenance={"method": "diff", "params": {"base": Path(base).name, "edited": Path(edited).name}},
+        description=description,
+    )
+    if output is not None:
+        patch.save(output)
+    return patch

@@ -1,0 +1,383 @@
+"""The patch file, format v1 (specified in docs/format.md): a `Patch` to and from `.safetensors`.
+
+No model, no torch, no network: numpy and the standard library only, so that `inspect` and
+`status` start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .dtypes import FLOAT_DTYPES, STORAGE, add_delta, from_float, to_float
+from .errors import PatchFormatError
+from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
+
+FORMAT_NAME = "patchkit.patch"
+FORMAT_VERSION = 1
+ENCODINGS = ("dense", "factored", "replace")
+KNOWN_KEYS = {"format", "format_version", "id", "tensors", "base", "provenance", "parents", "eval", "description"}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def rows_hash(raw_rows: np.ndarray) -> str:
+    """Fingerprint of rows' bytes: sha256 over the rows concatenated in index order."""
+    return hashlib.sha256(np.ascontiguousarray(raw_rows).tobytes()).hexdigest()
+
+
+def n_rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows, shape[-1]
+
+
+@dataclass
+class TensorEdit:
+    """The edit of one tensor: sorted unique row indices and how those rows change.
+
+    Rows lie along the output axis: a tensor of shape (d0, ..., dk) is seen as prod(d0..dk-1) rows
+    of dk elements, each a contiguous byte range in the checkpoint.
+    - dense:    new = round(old + delta[i])             delta float32 [n, cols]
+    - factored: new = round(old + scale[i] * direction)  direction float32 [cols], scale [n] or [1]
+    - replace:  new = values[i]                          values in the tensor's own dtype
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    rows: np.ndarray
+    encoding: str
+    base_sha256: str
+    result_sha256: str | None = None
+    delta: np.ndarray | None = None
+    direction: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(len(self.rows))
+
+    @property
+    def n_cols(self) -> int:
+        return n_rows_cols(self.shape)[1]
+
+    def deltas(self) -> np.ndarray:
+        """The per-row float32 deltas (dense and factored encodings)."""
+        if self.encoding == "dense":
+            return self.delta
+        if self.encoding == "factored":
+            scale = self.scale if len(self.scale) == len(self.rows) else np.repeat(self.scale, len(self.rows))
+            return (scale[:, None].astype(np.float32) * self.direction[None, :]).astype(np.float32)
+        raise PatchFormatError(f"tensor {self.name}: a replace edit has no deltas")
+
+    def new_rows(self, old_raw: np.ndarray) -> np.ndarray:
+        """Raw bytes of the edited rows, given the raw bytes of the rows before the edit."""
+        if self.encoding == "replace":
+            return np.ascontiguousarray(self.values).view(np.uint8).reshape(old_raw.shape)
+        return add_delta(old_raw, self.deltas(), self.dtype)
+
+    def arrays(self) -> dict[str, tuple[str, np.ndarray]]:
+        out = {f"{self.name}::rows": ("I64", self.rows)}
+        if self.encoding == "dense":
+            out[f"{self.name}::delta"] = ("F32", self.delta)
+        elif self.encoding == "factored":
+            out[f"{self.name}::direction"] = ("F32", self.direction)
+            out[f"{self.name}::scale"] = ("F32", self.scale)
+        else:
+            out[f"{self.name}::values"] = (self.dtype, self.values)
+        return out
+
+    def validate(self) -> None:
+        n_rows, n_cols = n_rows_cols(self.shape)
+        where = f"tensor {self.name}"
+        if self.encoding not in ENCODINGS:
+            raise PatchFormatError(f"{where}: unknown encoding {self.encoding!r}")
+        if self.dtype not in STORAGE:
+            raise PatchFormatError(f"{where}: unknown dtype {self.dtype!r}")
+        if self.encoding != "replace" and self.dtype not in FLOAT_DTYPES:
+            raise PatchFormatError(f"{where}: deltas need a float tensor, base dtype is {self.dtype}")
+        r = self.rows
+        if r.ndim != 1 or r.dtype != np.int64:
+            raise PatchFormatError(f"{where}: row indices must be a 1-d int64 array")
+        if len(r) == 0:
+            raise PatchFormatError(f"{where}: the edit touches no rows")
+        if np.any(np.diff(r) <= 0):
+            dup = bool(np.any(np.diff(r) == 0))
+            raise PatchFormatError(f"{where}: row indices are {'duplicated' if dup else 'not sorted'}")
+        if r[0] < 0 or r[-1] >= n_rows:
+            raise PatchFormatError(f"{where}: row index {int(r[-1] if r[-1] >= n_rows else r[0])} is out of range 0..{n_rows - 1}")
+        n = len(r)
+        if self.encoding == "dense":
+            _check_array(self.delta, (n, n_cols), np.float32, f"{where} delta")
+        elif self.encoding == "factored":
+            _check_array(self.direction, (n_cols,), np.float32, f"{where} direction")
+            if self.scale is None or self.scale.shape not in ((n,), (1,)):
+                raise PatchFormatError(f"{where}: scale must have {n} entries or 1")
+            _check_array(self.scale, self.scale.shape, np.float32, f"{where} scale")
+        else:
+            if self.values is None or self.values.shape != (n, n_cols) or self.values.dtype != STORAGE[self.dtype]:
+                raise PatchFormatError(f"{where}: replacement values must be [{n}, {n_cols}] of {self.dtype}")
+
+
+def _check_array(a, shape, dtype, what) -> None:
+    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+        got = "missing" if a is None else f"{a.dtype} {list(a.shape)}"
+        raise PatchFormatError(f"{what} must be {np.dtype(dtype).name} {list(shape)}, found {got}")
+    if not np.all(np.isfinite(a)):
+        raise PatchFormatError(f"{what} contains NaN or inf")
+
+
+def factorize(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(direction, scale) that reproduce `delta` bit for bit as scale[i] * direction, else None."""
+    if delta.size == 0:
+        return None
+    if np.all(delta == delta[0:1]):
+        return delta[0].astype(np.float32).copy(), np.ones(1, dtype=np.float32)
+    norms = np.einsum("ij,ij->i", delta.astype(np.float64), delta.astype(np.float64))
+    v = delta[int(np.argmax(norms))].astype(np.float32)
+    vv = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
+    if vv == 0:
+        return None
+    scale = (delta.astype(np.float64) @ v.astype(np.float64) / vv).astype(np.float32)
+    if np.array_equal(scale[:, None] * v[None, :], delta):
+        return v.copy(), scale
+    return None
+
+
+def make_edit(name, shape, dtype, rows, base_raw, *, delta=None, values=None, factor=True) -> TensorEdit:
+    """Build an edit from float32 deltas (factored automatically when exact) or replacement values.
+
+    `base_raw` is the raw bytes of the touched rows in the base, for the fingerprint.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    base = rows_hash(base_raw)
+    if values is not None:
+        edit = TensorEdit(name, tuple(shape), dtype, rows, "replace", base, values=values)
+    else:
+        delta = np.ascontiguousarray(delta, dtype=np.float32)
+        fac = factorize(delta) if factor else None
+        if fac is not None:
+            edit = TensorEdit(name, tuple(shape), dtype, rows, "factored", base, direction=fac[0], scale=fac[1])
+        else:
+            edit = TensorEdit(name, tuple(shape), dtype, rows, "dense", base, delta=delta)
+    edit.validate()
+    edit.result_sha256 = rows_hash(edit.new_rows(np.asarray(base_raw, dtype=np.uint8)))
+    return edit
+
+
+@dataclass
+class Patch:
+    """A set of row edits for one base model, with its fingerprint, provenance and evaluation."""
+
+    edits: dict[str, TensorEdit]
+    base_model: str | None = None
+    base_revision: str | None = None
+    provenance: dict = field(default_factory=dict)
+    parents: list[str] = field(default_factory=list)
+    evaluation: dict | None = None
+    description: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, str]:
+        prov = dict(self.provenance)
+        prov.setdefault("patchkit_version", __version__)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "tensors": _dumps(
+                {n: {"encoding": e.encoding, "rows": e.n_rows} for n, e in sorted(self.edits.items())}
+            ),
+            "base": _dumps(
+                {
+                    "model_id": self.base_model,
+                    "revision": self.base_revision,
+                    "tensors": {
+                        n: {"shape": list(e.shape), "dtype": e.dtype, "rows_sha256": e.base_sha256,
+                            "result_sha256": e.result_sha256}
+                        for n, e in sorted(self.edits.items())
+                    },
+                }
+            ),
+            "provenance": _dumps(prov),
+        }
+        if self.parents:
+            meta["parents"] = _dumps(list(self.parents))
+        if self.evaluation is not None:
+            meta["eval"] = _dumps(self.evaluation)
+        if self.description:
+            meta["description"] = self.description
+        meta.update(self.extra)
+        return meta
+
+    def _arrays(self) -> dict[str, tuple[str, np.ndarray]]:
+        arrays = {}
+        for e in self.edits.values():
+            e.validate()
+            arrays.update(e.arrays())
+        return arrays
+
+    def to_bytes(self) -> bytes:
+        if not self.edits:
+            raise PatchFormatError("a patch must edit at least one tensor")
+        meta = self._metadata()
+        arrays = self._arrays()
+        meta["id"] = hashlib.sha256(serialize(arrays, meta)).hexdigest()
+        return serialize(arrays, meta)
+
+    @property
+    def id(self) -> str:
+        meta = self._metadata()
+        return hashlib.sha256(serialize(self._arrays(), meta)).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write_bytes(path, self.to_bytes())
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Patch":
+        path = Path(path)
+        if not path.exists():
+            raise PatchFormatError(f"patch file {path} does not exist", path=path)
+        try:
+            header = read_header(path)
+        except (STFormatError, OSError) as e:
+            raise PatchFormatError(f"{path} is not a readable safetensors file: {e}", path=path) from None
+        meta = header.metadata
+        if meta.get("format") != FORMAT_NAME:
+            raise PatchFormatError(f"{path} is a safetensors file but not a patchkit patch (no format={FORMAT_NAME})", path=path)
+        try:
+            version = int(meta.get("format_version", ""))
+        except ValueError:
+            raise PatchFormatError(f"{path}: format_version is not an integer") from None
+        if version > FORMAT_VERSION:
+            raise PatchFormatError(
+                f"{path} uses patch format v{version}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
+            )
+        try:
+            tensors_meta = json.loads(meta["tensors"])
+            base = json.loads(meta["base"])
+            prov = json.loads(meta.get("provenance", "{}"))
+            parents = json.loads(meta.get("parents", "[]"))
+            evaluation = json.loads(meta["eval"]) if "eval" in meta else None
+        except (KeyError, json.JSONDecodeError) as e:
+            raise PatchFormatError(f"{path}: metadata is missing or malformed ({e})") from None
+        unknown = {k: v for k, v in meta.items() if k not in KNOWN_KEYS}
+        if unknown:
+            warnings.warn(f"{path}: unknown metadata keys kept as they are: {', '.join(sorted(unknown))}", stacklevel=2)
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            with open(path, "rb") as f:
+                for name, info in header.tensors.items():
+                    arrays[name] = read_tensor(info, f)
+        except (STFormatError, OSError) as e:
+            raise PatchFormatError(f"{path}: cannot read tensor data ({e})") from None
+        edits = {}
+        expected = set()
+        for name, tm in tensors_meta.items():
+            bt = base.get("tensors", {}).get(name)
+            if bt is None:
+                raise PatchFormatError(f"{path}: tensor {name} has no base fingerprint")
+            enc = tm.get("encoding")
+            parts = {"dense": ["rows", "delta"], "factored": ["rows", "direction", "scale"], "replace": ["rows", "values"]}.get(enc)
+            if parts is None:
+                raise PatchFormatError(f"{path}: tensor {name} has unknown encoding {enc!r}")
+            keys = [f"{name}::{p}" for p in parts]
+            missing = [k for k in keys if k not in arrays]
+            if missing:
+                raise PatchFormatError(f"{path}: missing tensor {missing[0]}")
+            expected.update(keys)
+            got = {p: arrays[k] for p, k in zip(parts, keys)}
+            edit = TensorEdit(
+                name, tuple(bt["shape"]), bt["dtype"], got["rows"], enc, bt["rows_sha256"], bt.get("result_sha256"),
+                delta=got.get("delta"), direction=got.get("direction"), scale=got.get("scale"), values=got.get("values"),
+            )
+            edit.validate()
+            if tm.get("rows") != edit.n_rows:
+                raise PatchFormatError(f"{path}: tensor {name} row count does not match its metadata")
+            edits[name] = edit
+        stray = set(arrays) - expected
+        if stray:
+            raise PatchFormatError(f"{path}: tensor {sorted(stray)[0]} is not described by the metadata")
+        patch = cls(
+            edits=edits,
+            base_model=base.get("model_id"),
+            base_revision=base.get("revision"),
+            provenance=prov,
+            parents=list(parents),
+            evaluation=evaluation,
+            description=meta.get("description"),
+            extra=unknown,
+            path=path,
+        )
+        stored = meta.get("id")
+        if stored != patch.id:
+            raise PatchFormatError(f"{path}: content id does not match the content: the file is corrupted or was edited")
+        return patch
+
+    # ---- summaries -------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return sum(e.n_rows for e in self.edits.values())
+
+    def summary(self) -> dict:
+        per_layer: dict[str, int] = {}
+        tensors = []
+        for name in sorted(self.edits):
+            e = self.edits[name]
+            layer = layer_of(name)
+            per_layer[str(layer) if layer is not None else "other"] = per_layer.get(str(layer) if layer is not None else "other", 0) + e.n_rows
+            n_rows, n_cols = n_rows_cols(e.shape)
+            tensors.append({
+                "name": name, "rows": e.n_rows, "of_rows": n_rows, "encoding": e.encoding,
+                "shape": list(e.shape), "dtype": e.dtype, "layer": layer,
+            })
+        nbytes = self.path.stat().st_size if self.path is not None and self.path.exists() else len(self.to_bytes())
+        return {
+            "id": self.id,
+            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+            "rows": self.rows,
+            "tensors": tensors,
+            "rows_per_layer": per_layer,
+            "bytes": nbytes,
+            "base": {
+                "model_id": self.base_model,
+                "revision": self.base_revision,
+                "tensors": {
+                    n: {"shape": list(e.shape), "dtype": e.dtype, "rows_sha256": e.base_sha256, "result_sha256": e.result_sha256}
+                    for n, e in sorted(self.edits.items())
+                },
+            },
+            "provenance": self.provenance,
+            "parents": self.parents,
+            "eval": self.evaluation,
+            "description": self.description,
+        }
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+__all__ = ["Patch", "TensorEdit", "make_edit", "factorize", "rows_hash", "layer_of", "from_float", "to_float"]

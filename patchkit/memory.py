@@ -1,0 +1,101 @@
+"""Patches on models in memory: a transformers model or a state dict, edited in place and restored.
+
+The arithmetic is the one apply uses on files (float32, rounded once to the tensor's dtype), so a
+model patched in memory holds exactly the bits of the patched checkpoint loaded from disk.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import BaseMismatchError
+from .format import Patch, rows_hash
+
+_TORCH_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_VIEW = {"F32": torch.int32, "F16": torch.int16, "BF16": torch.int16, "F64": torch.int64}
+
+
+@dataclass
+class Undo:
+    """The original rows of every tensor a patch changed in memory."""
+
+    patch_id: str
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _tensors(target) -> dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        return dict(target.state_dict(keep_vars=True))
+    return target
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as [rows, cols] sharing storage (rows along the output axis, as in the patch format)."""
+    if t.ndim == 0:
+        return t.view(1, 1)
+    if t.ndim == 1:
+        return t.view(1, -1)
+    return t.view(-1, t.shape[-1])
+
+
+def _raw(rows: torch.Tensor, dtype: str) -> np.ndarray:
+    return rows.detach().cpu().contiguous().view(_VIEW[dtype]).numpy().view(np.uint8).reshape(rows.shape[0], -1)
+
+
+def apply_in_memory(target, patch: Patch | str, check: bool = True) -> Undo:
+    """Apply `patch` to a model or state dict in place; returns what `revert_in_memory` needs."""
+    patch = patch if isinstance(patch, Patch) else Patch.load(patch)
+    tensors = _tensors(target)
+    planned = []
+    for name in sorted(patch.edits):
+        edit = patch.edits[name]
+        if name not in tensors:
+            raise BaseMismatchError(f"the model has no tensor {name}: the patch was made for another model", tensor=name)
+        t = tensors[name]
+        t = t.data if isinstance(t, torch.nn.Parameter) else t
+        dtype = _TORCH_DTYPE.get(t.dtype)
+        if tuple(t.shape) != tuple(edit.shape) or dtype != edit.dtype:
+            raise BaseMismatchError(
+                f"tensor {name} is {dtype} {list(t.shape)} in the model, {edit.dtype} {list(edit.shape)} in the patch", tensor=name
+            )
+        idx = torch.from_numpy(edit.rows)
+        old = _row_view(t)[idx].clone()
+        old_raw = _raw(old, dtype)
+        if check and rows_hash(old_raw) != edit.base_sha256:
+            raise BaseMismatchError(f"the touched rows of tensor {name} differ from the patch's base", tensor=name)
+        new_raw = edit.new_rows(old_raw)
+        new = torch.from_numpy(new_raw.copy()).view(_VIEW[dtype]).view(t.dtype).reshape(old.shape)
+        planned.append((name, t, idx, old, new))
+    undo = Undo(patch.id)
+    with torch.no_grad():
+        for name, t, idx, old, new in planned:
+            _row_view(t)[idx] = new.to(t.device)
+            undo.rows[name] = (idx, old)
+    return undo
+
+
+def revert_in_memory(target, undo: Undo) -> None:
+    """Put back the original rows recorded by `apply_in_memory`, bit for bit."""
+    tensors = _tensors(target)
+    with torch.no_grad():
+        for name, (idx, old) in undo.rows.items():
+            t = tensors[name]
+            t = t.data if isinstance(t, torch.nn.Parameter) else t
+            _row_view(t)[idx] = old.to(t.device)
+
+
+@contextmanager
+def patched(target, *patches, check: bool = True):
+    """`with patched(model, patch):` the model is patched inside the block and restored after it."""
+    undos = []
+    try:
+        for p in patches:
+            undos.append(apply_in_memory(target, p, check=check))
+        yield target
+    finally:
+        for u in reversed(undos):
+            revert_in_memory(target, u)

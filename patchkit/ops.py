@@ -1,0 +1,402 @@
+"""apply, revert and status on checkpoint folders: plan first (every check, no write), then do.
+
+Only the touched rows are ever in memory. With an output folder, untouched shards are copied (or
+hard-linked) and touched shards are copied and then have their rows rewritten; in place, only the
+touched rows' bytes are rewritten, under a journal (see `patchkit.state`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import state as st
+from .checkpoint import Checkpoint
+from .dtypes import sub_delta, to_float, ulp
+from .errors import BaseMismatchError, CheckpointError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError
+from .format import Patch, rows_hash
+from .stfile import row_runs, write_rows
+
+PatchLike = "Patch | str | Path"
+
+
+def load_patch(p) -> Patch:
+    if isinstance(p, Patch):
+        return p
+    from .sources import resolve_patch  # local paths, and hf:// once the Hub module is present
+
+    return Patch.load(resolve_patch(str(p)))
+
+
+def short(pid: str) -> str:
+    return pid[:12]
+
+
+class _Overlay:
+    """The rows a plan has changed so far, per tensor, over the checkpoint's bytes on disk."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.rows: dict[str, np.ndarray] = {}
+        self.raw: dict[str, np.ndarray] = {}
+        self.disk: dict[str, np.ndarray] = {}  # bytes on disk for self.rows (for the journal)
+
+    def read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        out = self.ckpt.read_rows(name, rows)
+        if name in self.rows:
+            pos = np.searchsorted(self.rows[name], rows)
+            pos = np.minimum(pos, len(self.rows[name]) - 1)
+            hit = self.rows[name][pos] == rows
+            out[hit] = self.raw[name][pos[hit]]
+        return out
+
+    def write(self, name: str, rows: np.ndarray, raw: np.ndarray) -> None:
+        disk = self.ckpt.read_rows(name, rows)
+        if name not in self.rows:
+            self.rows[name], self.raw[name], self.disk[name] = rows.copy(), raw.copy(), disk
+            return
+        all_rows = np.union1d(self.rows[name], rows)
+        new_raw = np.empty((len(all_rows), raw.shape[1]), dtype=np.uint8)
+        new_disk = np.empty_like(new_raw)
+        old_pos = np.searchsorted(all_rows, self.rows[name])
+        new_raw[old_pos], new_disk[old_pos] = self.raw[name], self.disk[name]
+        pos = np.searchsorted(all_rows, rows)
+        new_raw[pos], new_disk[pos] = raw, disk
+        self.rows[name], self.raw[name], self.disk[name] = all_rows, new_raw, new_disk
+
+
+@dataclass
+class Plan:
+    """What an apply or revert will write. `summary()` is what --dry-run prints."""
+
+    action: str
+    checkpoint: Path
+    patch_ids: list[str]
+    overlay: _Overlay
+    state_after: st.State
+    undo: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    forced: list[str] = field(default_factory=list)
+    exact: bool = True
+    max_error_ulps: float = 0.0
+
+    @property
+    def files(self) -> list[str]:
+        ck = self.overlay.ckpt
+        return sorted({str(ck.info(n).file.relative_to(ck.path)) for n in self.overlay.rows})
+
+    @property
+    def rows(self) -> int:
+        return int(sum(len(r) for r in self.overlay.rows.values()))
+
+    def summary(self) -> dict:
+        ck = self.overlay.ckpt
+        return {
+            "action": self.action,
+            "checkpoint": str(self.checkpoint),
+            "patches": self.patch_ids,
+            "rows": self.rows,
+            "tensors": [{"name": n, "rows": int(len(r))} for n, r in sorted(self.overlay.rows.items())],
+            "files": self.files,
+            "bytes": int(sum(len(r) * ck.info(n).row_bytes for n, r in self.overlay.rows.items())),
+            "forced": self.forced,
+            "exact": self.exact,
+            "max_error_ulps": self.max_error_ulps,
+        }
+
+
+# ---- planning --------------------------------------------------------------------------------------
+def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | None = None) -> Plan:
+    """Check every patch against the checkpoint and compute the new rows; writes nothing."""
+    ck = _ckpt or Checkpoint(checkpoint)
+    patches = [load_patch(p) for p in patches]
+    state = st.load_state(ck.path)
+    applied = [r.id for r in state.applied]
+    overlay = _Overlay(ck)
+    plan = Plan("apply", ck.path, [], overlay, st.State(list(state.applied)))
+    for patch in patches:
+        pid = patch.id
+        if pid in applied:
+            raise StateError(f"patch {short(pid)} is already applied to {ck.path}", patch=pid)
+        missing = [p for p in patch.parents if p not in applied]
+        if missing:
+            raise StateError(
+                f"patch {short(pid)} was made on top of patch {short(missing[0])}, which is not applied to {ck.path}: apply it first",
+                patch=pid, parent=missing[0],
+            )
+        forced_here = False
+        originals, tensors = {}, {}
+        for name in sorted(patch.edits):
+            edit = patch.edits[name]
+            info = ck.info(name)
+            if tuple(info.shape) != tuple(edit.shape) or info.dtype != edit.dtype:
+                raise BaseMismatchError(
+                    f"patch {short(pid)} was made for another base: tensor {name} is {info.dtype} {list(info.shape)} "
+                    f"in the checkpoint, {edit.dtype} {list(edit.shape)} in the patch",
+                    tensor=name,
+                )
+            current = overlay.read(name, edit.rows)
+            if rows_hash(current) != edit.base_sha256:
+                if not force:
+                    raise BaseMismatchError(
+                        f"patch {short(pid)} was made for another base: the touched rows of tensor {name} differ "
+                        "(use --force to add its deltas anyway)",
+                        tensor=name, expected=edit.base_sha256, found=rows_hash(current),
+                    )
+                forced_here = True
+            new = edit.new_rows(current)
+            if edit.encoding != "replace":
+                before, after = to_float(current, edit.dtype), to_float(new, edit.dtype)
+                bad = np.isfinite(before) & ~np.isfinite(after)
+                if bad.any():
+                    r = int(edit.rows[np.argwhere(bad)[0][0]])
+                    raise NonFiniteError(
+                        f"patch {short(pid)} would overflow tensor {name} to inf at row {r}; nothing was written",
+                        tensor=name, row=r,
+                    )
+            originals[name] = (edit.rows, current)
+            tensors[name] = {"rows": edit.n_rows, "after_sha256": rows_hash(new)}
+            overlay.write(name, edit.rows, new)
+        if forced_here:
+            plan.forced.append(pid)
+        plan.undo[pid] = originals
+        src = str(patch.path) if patch.path is not None else None
+        plan.state_after.applied.append(st.AppliedRecord(pid, src, patch.rows, forced_here, list(patch.parents), tensors))
+        plan.patch_ids.append(pid)
+        applied.append(pid)
+    return plan
+
+
+def _find_record(state: st.State, patch) -> tuple[st.AppliedRecord | None, Patch | None]:
+    if isinstance(patch, (str, Path)) and not Path(patch).exists() and not str(patch).startswith("hf://"):
+        matches = [r for r in state.applied if r.id.startswith(str(patch))] if len(str(patch)) >= 6 else []
+        if len(matches) == 1:
+            return matches[0], None
+        if len(matches) > 1:
+            raise StateError(f"patch id prefix {patch} is ambiguous")
+    p = load_patch(patch)
+    return state.find(p.id), p
+
+
+def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None = None) -> Plan:
+    ck = _ckpt or Checkpoint(checkpoint)
+    state = st.load_state(ck.path)
+    rec, p = _find_record(state, patch)
+    overlay = _Overlay(ck)
+    if rec is not None:
+        idx = state.applied.index(rec)
+        undo = st.read_undo(ck.path, rec.id)
+        if undo is None:
+            raise CheckpointError(f"the undo record of patch {short(rec.id)} is missing from {ck.state_dir}")
+        for later in state.applied[idx + 1 :]:
+            if rec.id in later.parents:
+                raise StateError(f"patch {short(later.id)} was made on top of patch {short(rec.id)}: revert it first", child=later.id)
+            later_undo = st.read_undo(ck.path, later.id) or {}
+            for name, (rows, _) in undo.items():
+                if name in later_undo and np.intersect1d(rows, later_undo[name][0]).size:
+                    raise StateError(
+                        f"patch {short(later.id)}, applied later, edits the same rows of {name}: revert it first",
+                        later=later.id, tensor=name,
+                    )
+        for name, (rows, orig) in sorted(undo.items()):
+            current = ck.read_rows(name, rows)
+            if rows_hash(current) != rec.tensors[name]["after_sha256"] and not force:
+                raise StateError(
+                    f"rows of tensor {name} changed after patch {short(rec.id)} was applied; "
+                    "--force restores the recorded original bytes anyway",
+                    tensor=name,
+                )
+            overlay.write(name, rows, orig)
+        after = st.State([r for r in state.applied if r.id != rec.id])
+        return Plan("revert", ck.path, [rec.id], overlay, after)
+    # No record: the checkpoint was patched elsewhere. Subtract the deltas; exact only if it shows.
+    plan = Plan("revert", ck.path, [p.id], overlay, state)
+    worst = 0.0
+    for name in sorted(p.edits):
+        edit = p.edits[name]
+        info = ck.info(name)
+        if tuple(info.shape) != tuple(edit.shape) or info.dtype != edit.dtype:
+            raise BaseMismatchError(f"patch {short(p.id)} does not fit this checkpoint: tensor {name} differs in shape or dtype", tensor=name)
+        current = ck.read_rows(name, edit.rows)
+        if rows_hash(current) != edit.result_sha256 and not force:
+            raise StateError(
+                f"patch {short(p.id)} is not applied to {ck.path}: the rows of {name} differ from what it writes "
+                "(--force subtracts its deltas anyway)",
+                tensor=name,
+            )
+        if edit.encoding == "replace":
+            raise UnsupportedError(f"tensor {name} is replaced whole by patch {short(p.id)}; without its undo record it cannot be reverted")
+        new = sub_delta(current, edit.deltas(), edit.dtype)
+        if rows_hash(new) != edit.base_sha256:
+            plan.exact = False
+            pv, rv = to_float(current, edit.dtype), to_float(new, edit.dtype)
+            ok = np.isfinite(pv) & np.isfinite(rv)
+            if ok.any():
+                bound = 0.5 * ulp(pv[ok], edit.dtype) / ulp(rv[ok], edit.dtype) + 0.5
+                worst = max(worst, float(bound.max()))
+        overlay.write(name, edit.rows, new)
+    plan.max_error_ulps = worst
+    return plan
+
+
+# ---- doing -------------------------------------------------------------------------------------------
+def _check_output(ckpt_path: Path, output: Path, overwrite: bool) -> None:
+    out, src = output.resolve(), ckpt_path.resolve()
+    if out == src or src in out.parents:
+        raise CheckpointError(f"output {output} must not be the checkpoint or lie inside it; use --in-place to edit it")
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)", path=output)
+    if not output.parent.exists():
+        raise CheckpointError(f"the folder {output.parent} for the output does not exist")
+
+
+def _write_in_place(plan: Plan) -> None:
+    ck = plan.overlay.ckpt
+    for pid, originals in plan.undo.items():
+        st.write_undo(ck.path, pid, originals)
+    st.crashpoint("after-undo")
+    ranges = []
+    for name in sorted(plan.overlay.rows):
+        info = ck.info(name)
+        rel = str(info.file.relative_to(ck.path))
+        rows, disk = plan.overlay.rows[name], plan.overlay.disk[name]
+        for first, count, pos in row_runs(rows):
+            ranges.append((rel, info.offset + first * info.row_bytes, disk[pos : pos + count].tobytes()))
+    st.write_journal(ck.path, ranges, st.load_state(ck.path))
+    st.crashpoint("after-journal")
+    by_file: dict[Path, list[str]] = {}
+    for name in plan.overlay.rows:
+        by_file.setdefault(ck.info(name).file, []).append(name)
+    for i, (path, names) in enumerate(sorted(by_file.items())):
+        with open(path, "r+b") as f:
+            for name in sorted(names):
+                write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
+                st.crashpoint("mid-write")
+            f.flush()
+            os.fsync(f.fileno())
+    st.crashpoint("after-write")
+    st.save_state(ck.path, plan.state_after)
+    st.crashpoint("after-state")
+    st.clear_journal(ck.path)
+    st.collect_garbage(ck.path)
+
+
+def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None:
+    ck = plan.overlay.ckpt
+    touched = {ck.info(n).file for n in plan.overlay.rows}
+    weight_files = {ck.path / f for f in ck.files}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-tmp", dir=output.parent))
+    try:
+        for root, dirs, files in os.walk(ck.path):
+            rootp = Path(root)
+            dirs[:] = sorted(d for d in dirs if not (rootp == ck.path and d == st.STATE_DIR))
+            dest = tmp / rootp.relative_to(ck.path)
+            dest.mkdir(exist_ok=True)
+            for fname in sorted(files):
+                src = rootp / fname
+                if link and src in weight_files and src not in touched:
+                    os.link(src, dest / fname)
+                else:
+                    shutil.copyfile(src, dest / fname)
+                    shutil.copymode(src, dest / fname)
+        st.crashpoint("output-copied")
+        for path in sorted(touched):
+            out_file = tmp / path.relative_to(ck.path)
+            with open(out_file, "r+b") as f:
+                for name in sorted(n for n in plan.overlay.rows if ck.info(n).file == path):
+                    write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
+                f.flush()
+                os.fsync(f.fileno())
+        st.copy_state(ck.path, tmp)
+        for pid, originals in plan.undo.items():
+            st.write_undo(tmp, pid, originals)
+        st.save_state(tmp, plan.state_after)
+        st.collect_garbage(tmp)
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-old", dir=output.parent))
+            os.replace(output, trash / "old")
+            os.replace(tmp, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, dry_run) -> dict:
+    checkpoint = Path(checkpoint)
+    if (output is None) == (not in_place):
+        raise PatchkitError("give exactly one of an output folder (-o) or --in-place")
+    output = Path(output) if output is not None else None
+    ck = Checkpoint(checkpoint)
+    if output is not None:
+        _check_output(ck.path, output, overwrite)
+    with st.locked(ck.path):
+        if not dry_run:
+            st.recover(ck.path)
+        plan = plan_fn(target, ck.path, force=force, _ckpt=ck)
+        result = plan.summary()
+        result["dry_run"] = dry_run
+        result["output"] = str(output if output is not None else ck.path)
+        if dry_run:
+            return result
+        if in_place:
+            _write_in_place(plan)
+        else:
+            _write_output(plan, output, link, overwrite)
+    return result
+
+
+def apply(patches, checkpoint, output=None, *, in_place=False, force=False, link=False, overwrite=False, dry_run=False) -> dict:
+    """Apply one or more patches, in order, in one pass. Returns the plan's summary plus `applied`."""
+    if isinstance(patches, (str, Path, Patch)):
+        patches = [patches]
+    result = _run(plan_apply, patches, checkpoint, output, in_place, force, link, overwrite, dry_run)
+    result["applied"] = result["patches"]
+    return result
+
+
+def revert(patch, checkpoint, output=None, *, in_place=False, force=False, overwrite=False, dry_run=False) -> dict:
+    """Take a patch out again: bit for bit from the undo record, or approximately without one."""
+    result = _run(plan_revert, patch, checkpoint, output, in_place, force, False, overwrite, dry_run)
+    result["reverted"] = result["patches"]
+    return result
+
+
+def status(checkpoint) -> dict:
+    """The patches applied to a checkpoint, in order, and whether their rows still hold what apply wrote."""
+    ck = Checkpoint(checkpoint)
+    recovered = False
+    if st.has_journal(ck.path):
+        with st.locked(ck.path):
+            recovered = st.recover(ck.path)
+    state = st.load_state(ck.path)
+    undos = {rec.id: st.read_undo(ck.path, rec.id) or {} for rec in state.applied}
+    out = []
+    for i, rec in enumerate(state.applied):
+        undo = undos[rec.id]
+        changed, shadowed = [], {}
+        for name, meta in sorted(rec.tensors.items()):
+            rows = undo[name][0] if name in undo else None
+            if rows is not None and rows_hash(ck.read_rows(name, rows)) == meta["after_sha256"]:
+                continue
+            later = next(
+                (r.id for r in state.applied[i + 1 :] if rows is not None and name in undos[r.id]
+                 and np.intersect1d(rows, undos[r.id][name][0]).size),
+                None,
+            )
+            if later is not None:
+                shadowed[name] = later  # a later patch rewrote some of these rows: expected
+            else:
+                changed.append(name)
+        out.append({
+            "id": rec.id, "source": rec.source, "rows": rec.rows, "forced": rec.forced, "parents": rec.parents,
+            "intact": not changed, "changed_tensors": changed, "overwritten_by": shadowed, "undo_record": bool(undo),
+        })
+    return {"checkpoint": str(ck.path), "applied": out, "recovered": recovered}

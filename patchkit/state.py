@@ -1,0 +1,244 @@
+"""What a checkpoint remembers about the patches applied to it, and how writes to it stay safe.
+
+Layout inside a checkpoint folder (absent when nothing is applied):
+
+    .patchkit/state.json                 applied patches, in order
+    .patchkit/undo/<patch id>.safetensors   the original bytes of the rows each patch touched
+    .patchkit/journal.safetensors        present only while an in-place write is under way
+
+An in-place write goes: undo record, then journal (the current bytes of every range about to be
+written, and the state before), then the bytes, then the new state, then the journal is removed.
+Any command that finds a journal rolls the checkpoint back to the state before, byte for byte.
+A lock (flock on the checkpoint folder itself, so no file is left behind) keeps writers apart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, LockedError
+from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
+
+STATE_DIR = ".patchkit"
+STATE_FILE = "state.json"
+JOURNAL = "journal.safetensors"
+
+
+@dataclass
+class AppliedRecord:
+    id: str
+    source: str | None
+    rows: int
+    forced: bool
+    parents: list[str]
+    tensors: dict[str, dict]  # name -> {"rows": n, "after_sha256": ...}
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "source": self.source, "rows": self.rows, "forced": self.forced,
+            "parents": self.parents, "tensors": self.tensors,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AppliedRecord":
+        return cls(d["id"], d.get("source"), int(d["rows"]), bool(d.get("forced")), list(d.get("parents", [])), dict(d["tensors"]))
+
+
+@dataclass
+class State:
+    applied: list[AppliedRecord] = field(default_factory=list)
+
+    def find(self, patch_id: str) -> AppliedRecord | None:
+        return next((r for r in self.applied if r.id == patch_id), None)
+
+    def to_bytes(self) -> bytes:
+        doc = {"format": "patchkit.state", "version": 1, "applied": [r.to_json() for r in self.applied]}
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def state_dir(ckpt_path: Path) -> Path:
+    return Path(ckpt_path) / STATE_DIR
+
+
+def load_state(ckpt_path: Path) -> State:
+    p = state_dir(ckpt_path) / STATE_FILE
+    if not p.exists():
+        return State()
+    try:
+        doc = json.loads(p.read_text())
+        return State([AppliedRecord.from_json(r) for r in doc["applied"]])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{p} is damaged; move it away to treat the checkpoint as unpatched") from None
+
+
+def save_state(ckpt_path: Path, state: State) -> None:
+    d = state_dir(ckpt_path)
+    if state.applied:
+        d.mkdir(exist_ok=True)
+        atomic_write_bytes(d / STATE_FILE, state.to_bytes())
+    elif (d / STATE_FILE).exists():
+        os.unlink(d / STATE_FILE)
+
+
+# ---- undo records ------------------------------------------------------------------------------
+def undo_path(ckpt_path: Path, patch_id: str) -> Path:
+    return state_dir(ckpt_path) / "undo" / f"{patch_id}.safetensors"
+
+
+def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes])."""
+    arrays = {}
+    for name, (rows, raw) in originals.items():
+        arrays[f"{name}::rows"] = ("I64", rows)
+        arrays[f"{name}::orig"] = ("U8", raw)
+    p = undo_path(ckpt_path, patch_id)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(p, serialize(arrays, {"format": "patchkit.undo", "patch_id": patch_id}))
+    return p
+
+
+def read_undo(ckpt_path: Path, patch_id: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    p = undo_path(ckpt_path, patch_id)
+    if not p.exists():
+        return None
+    try:
+        header = read_header(p)
+        arrays = {n: read_tensor(i) for n, i in header.tensors.items()}
+    except (STFormatError, OSError) as e:
+        raise CheckpointError(f"undo record {p} is damaged ({e})") from None
+    out = {}
+    for key in arrays:
+        if key.endswith("::rows"):
+            name = key[: -len("::rows")]
+            out[name] = (arrays[key], arrays[f"{name}::orig"])
+    return out
+
+
+def collect_garbage(ckpt_path: Path) -> None:
+    """Remove undo records no applied patch refers to, and the state folder when it is empty."""
+    d = state_dir(ckpt_path)
+    if not d.exists():
+        return
+    keep = {r.id for r in load_state(ckpt_path).applied}
+    undo = d / "undo"
+    if undo.exists():
+        for p in undo.iterdir():
+            if p.name.endswith(".safetensors") and p.name[: -len(".safetensors")] in keep:
+                continue
+            p.unlink()
+        if not any(undo.iterdir()):
+            undo.rmdir()
+    for p in d.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink()
+    if not any(d.iterdir()):
+        d.rmdir()
+
+
+# ---- lock ----------------------------------------------------------------------------------------
+@contextmanager
+def locked(ckpt_path: Path, exclusive: bool = True):
+    """Hold a lock on the checkpoint folder; fail at once when another process holds it."""
+    fd = os.open(ckpt_path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"another patchkit process is using {ckpt_path}; try again when it has finished") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# ---- journal -------------------------------------------------------------------------------------
+def write_journal(ckpt_path: Path, ranges: list[tuple[str, int, bytes]], state_before: State) -> None:
+    """ranges: (weight file relative to the checkpoint, byte offset, current bytes there)."""
+    arrays = {f"r{i:08d}": ("U8", np.frombuffer(data, dtype=np.uint8)) for i, (_, _, data) in enumerate(ranges)}
+    meta = {
+        "format": "patchkit.journal",
+        "ranges": json.dumps([[f, off] for f, off, _ in ranges]),
+        "state_before": state_before.to_bytes().decode(),
+    }
+    d = state_dir(ckpt_path)
+    d.mkdir(exist_ok=True)
+    atomic_write_bytes(d / JOURNAL, serialize(arrays, meta))
+    _fsync_dir(d)
+
+
+def clear_journal(ckpt_path: Path) -> None:
+    p = state_dir(ckpt_path) / JOURNAL
+    if p.exists():
+        p.unlink()
+        _fsync_dir(p.parent)
+
+
+def recover(ckpt_path: Path) -> bool:
+    """Roll back an interrupted in-place write, if any. Returns True when it did. Needs the lock."""
+    p = state_dir(ckpt_path) / JOURNAL
+    if not p.exists():
+        collect_garbage(ckpt_path)
+        return False
+    try:
+        header = read_header(p)
+        ranges = json.loads(header.metadata["ranges"])
+        before = json.loads(header.metadata["state_before"])
+    except (STFormatError, KeyError, json.JSONDecodeError, OSError):
+        # The journal is written whole and renamed into place: a damaged one was never committed,
+        # so no weight byte was written after it. Drop it.
+        p.unlink()
+        collect_garbage(ckpt_path)
+        return True
+    names = sorted(header.tensors)
+    by_file: dict[str, list[tuple[int, bytes]]] = {}
+    with open(p, "rb") as jf:
+        for (rel, off), key in zip(ranges, names):
+            by_file.setdefault(rel, []).append((off, read_tensor(header.tensors[key], jf).tobytes()))
+    for rel, items in by_file.items():
+        with open(Path(ckpt_path) / rel, "r+b") as f:
+            for off, data in items:
+                os.pwrite(f.fileno(), data, off)
+            f.flush()
+            os.fsync(f.fileno())
+    state = State([AppliedRecord.from_json(r) for r in before["applied"]])
+    save_state(ckpt_path, state)
+    clear_journal(ckpt_path)
+    collect_garbage(ckpt_path)
+    return True
+
+
+def has_journal(ckpt_path: Path) -> bool:
+    return (state_dir(ckpt_path) / JOURNAL).exists()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crashpoint(name: str) -> None:
+    """Fault injection for the crash tests: PATCHKIT_CRASH_AT=name kills the process here."""
+    if os.environ.get("PATCHKIT_CRASH_AT") == name:
+        os.kill(os.getpid(), 9)
+
+
+def copy_state(src: Path, dst: Path) -> None:
+    """Carry the applied-patch records (not a journal) from one checkpoint folder to another."""
+    s = state_dir(src)
+    if not (s / STATE_FILE).exists():
+        return
+    d = state_dir(dst)
+    d.mkdir(exist_ok=True)
+    shutil.copy2(s / STATE_FILE, d / STATE_FILE)
+    if (s / "undo").exists():
+        shutil.copytree(s / "undo", d / "undo", dirs_exist_ok=True)
