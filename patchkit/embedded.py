@@ -139,6 +139,9 @@ def embedded_model_path(convert: bool = True) -> Path:
             convert_gguf(gguf, tmp)
             marker = {"source_package": PACKAGE, "source_file": GGUF_NAME, "source_sha256": _sha256(gguf), "dtype": "bfloat16"}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+            for f in tmp.iterdir():  # mkdtemp and some writers make owner-only modes
+                f.chmod(0o644)
+            tmp.chmod(0o755)
             if target.exists():  # an unfinished or foreign folder: replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)

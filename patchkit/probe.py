@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -144,6 +145,8 @@ def train_probe(
     y = _labels_tensor(labels, x.shape[0])
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    if behavior_index not in (0, 1):
+        raise ValueError("behavior_index must be 0 or 1")
     n = x.shape[0]
     k = (5 if n < KFOLD_BELOW else 0) if kfold is None else kfold
     gen = torch.Generator().manual_seed(seed)
@@ -197,10 +200,23 @@ def train_layer_probes(
 # ------------------------------------------------------------------------------------- files
 
 
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of float32 tensors with keys and metadata in sorted order, so the same
+    probe always gives the same bytes (the library writer orders metadata by hash)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        data = tensors[name].detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
 def save_probe(probe: Probe, path: str | Path) -> Path:
     """Write ``probe`` as ``.safetensors`` with JSON metadata, atomically (temp file + ``os.replace``)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().contiguous()}
     for i, (w, b) in sorted(probe.layer_probes.items()):
@@ -216,9 +232,10 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "probe": json.dumps(info, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_safetensors_bytes(tensors, meta))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a probe is an ordinary shareable file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
