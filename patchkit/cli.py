@@ -104,6 +104,19 @@ def inspect(patch, as_json):
     _emit(as_json, s, human)
 
 
+def _local_checkpoint(ref: str, in_place: bool) -> str:
+    """A Hub model id becomes its downloaded snapshot, which is only ever read (write with -o)."""
+    from pathlib import Path
+
+    from .sources import HUB_ID, resolve_model
+
+    if Path(ref).exists() or not HUB_ID.match(ref):
+        return ref
+    if in_place:
+        raise click.UsageError(f"{ref} is a Hub model id: write the result with -o, not --in-place")
+    return str(resolve_model(ref))
+
+
 # ---- apply / revert ---------------------------------------------------------------------------------
 def _write_options(f):
     f = click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")(f)
@@ -150,6 +163,7 @@ def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, link
     from . import ops
 
     _check_target(output, in_place)
+    checkpoint = _local_checkpoint(checkpoint, in_place)
     r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run)
     _emit(as_json, r, _report_write("apply"))
 
@@ -295,9 +309,10 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
     path = resolve_model_arg(model)
+    remote = not Path(model).exists() and model not in ("embedded", "smollm2")
     patch = compute_patch(path, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
                           target=target, axis=axis, check_model=not any_probe,
-                          model_id=None if Path(model).exists() else model)
+                          model_id=model.split("@")[0] if remote else None, revision=path.name if remote else None)
     patch.description = description
     patch.save(output)
     s = patch.summary()
@@ -306,6 +321,33 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
     _emit(as_json, r, lambda r: click.echo(
         f"wrote {output}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])} "
         f"(alpha {r['params']['alpha']}, |alpha v| / row norm {r['params']['edit_norm_ratio']:.3f})"))
+
+
+# ---- push ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("patch")
+@click.argument("repo_id")
+@click.option("--revision", help="Branch to commit to (created from main when missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private (when it does not exist yet).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--path-in-repo", help="File name in the repo (default: the patch's file name).")
+@click.option("--token", help="Hub token (default: HF_TOKEN, then the saved login).")
+@json_option
+def push(patch, repo_id, revision, private, create_pr, path_in_repo, token, as_json):
+    """Upload PATCH and its model card to the Hub model repo REPO_ID, in one commit."""
+    from .hub import push_patch
+    from .sources import resolve_patch
+
+    r = push_patch(resolve_patch(patch), repo_id, revision=revision, private=private, create_pr=create_pr,
+                   token=token, path_in_repo=path_in_repo)
+
+    def human(r):
+        click.echo(f"pushed {_short(r['id'])} to {r['repo']}@{r['revision']} ({r['path']}, commit {r['commit'][:12]})")
+        click.echo(f"apply with: patchkit apply {r['ref']} MODEL_DIR -o OUT")
+        if r["pr_url"]:
+            click.echo(f"pull request: {r['pr_url']}")
+
+    _emit(as_json, r, human)
 
 
 @cli.command()

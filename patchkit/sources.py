@@ -6,9 +6,12 @@ same way everywhere.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from .errors import PatchFormatError
+from .errors import CheckpointError, PatchFormatError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?:@.+)?$")
 
 
 def resolve_patch(ref: str) -> Path:
@@ -25,9 +28,11 @@ def resolve_patch(ref: str) -> Path:
 
 def resolve_model(ref: str, allow_patterns: list[str] | None = None) -> Path:
     """A local checkpoint folder for `ref`: a folder, or a Hub id `OWNER/NAME[@REVISION]`."""
-    p = Path(ref)
-    if p.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        return p.expanduser()
+    p = Path(ref).expanduser()
+    if p.exists() or ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+        if not p.exists():
+            raise CheckpointError(f"checkpoint folder {ref} does not exist")
+        return p
     from .hub import download_model
 
     return download_model(ref, allow_patterns=allow_patterns)

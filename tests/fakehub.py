@@ -28,6 +28,7 @@ Every request is recorded in `hub.requests` (method, path, query, range, whether
 from __future__ import annotations
 
 import base64
+import io
 import hashlib
 import json
 import socket
@@ -143,11 +144,11 @@ class FakeHub:
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
         return dict(self.repos[repo_id].resolve(rev).files)
 
-    def downloads(self, repo_id: str | None = None) -> list[str]:
-        """Paths fetched with GET on /resolve/ (the bodies actually sent), in order."""
+    def downloads(self, repo_id: str | None = None, ranged: bool = False) -> list[str]:
+        """Paths fetched with GET on /resolve/, in order; ranged GETs (header reads, resumes) only if `ranged`."""
         out = []
         for r in self.requests:
-            if r.method == "GET" and "/resolve/" in r.path:
+            if r.method == "GET" and "/resolve/" in r.path and (ranged or r.range is None):
                 repo, _, rest = r.path.lstrip("/").partition("/resolve/")
                 if repo_id is None or repo == repo_id:
                     out.append(unquote(rest.split("/", 1)[1]))
@@ -481,3 +482,4 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.close()
             self.wfile.close()
             self.connection.close()
+            self.rfile, self.wfile = io.BytesIO(), io.BytesIO()  # for the server's own flush/close afterwards
