@@ -108,7 +108,7 @@ def render_card(
     if patch.description and patch.description.strip() != title:
         parts += [patch.description.strip(), ""]
     parts += [
-        "A [patchkit](https://github.com/) weight patch: a small `.safetensors` file of row edits for one base "
+        "A patchkit weight patch: a small `.safetensors` file of row edits for one base "
         "model. It is applied to (and reverted from) a local copy of the base checkpoint; the base weights are "
         "not in this repository.",
         "",

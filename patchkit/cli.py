@@ -113,7 +113,7 @@ def _local_checkpoint(ref: str, in_place: bool) -> str:
     if Path(ref).exists() or not HUB_ID.match(ref):
         return ref
     if in_place:
-        raise click.UsageError(f"{ref} is a Hub model id: write the result with -o, not --in-place")
+        raise CommandFailed(f"{ref} is a Hub model id: write the result with -o, not --in-place", 2)
     return str(resolve_model(ref))
 
 
@@ -129,7 +129,7 @@ def _write_options(f):
 
 def _check_target(output, in_place):
     if bool(output) == bool(in_place):
-        raise click.UsageError("give exactly one of -o/--output or --in-place")
+        raise CommandFailed("give exactly one of -o/--output or --in-place", 2)
 
 
 def _report_write(verb):
@@ -305,7 +305,7 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
     from .method import resolve_model_arg
 
     if top_k is not None and fraction is not None:
-        raise click.UsageError("give --top-k or --fraction, not both")
+        raise CommandFailed("give --top-k or --fraction, not both", 2)
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
     path = resolve_model_arg(model)

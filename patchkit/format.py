@@ -356,7 +356,7 @@ class Patch:
     def summary(self) -> dict:
         per_layer: dict[str, int] = {}
         tensors = []
-        for name in sorted(self.edits):
+        for name in sorted(self.edits, key=lambda n: (layer_of(n) is None, layer_of(n) or 0, n)):
             e = self.edits[name]
             layer = layer_of(name)
             per_layer[str(layer) if layer is not None else "other"] = per_layer.get(str(layer) if layer is not None else "other", 0) + e.n_rows

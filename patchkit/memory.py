@@ -62,7 +62,7 @@ def apply_in_memory(target, patch: Patch | str, check: bool = True) -> Undo:
             raise BaseMismatchError(
                 f"tensor {name} is {dtype} {list(t.shape)} in the model, {edit.dtype} {list(edit.shape)} in the patch", tensor=name
             )
-        idx = torch.from_numpy(edit.rows)
+        idx = torch.from_numpy(np.array(edit.rows))  # a loaded patch's arrays are read-only
         old = _row_view(t)[idx].clone()
         old_raw = _raw(old, dtype)
         if check and rows_hash(old_raw) != edit.base_sha256:

@@ -18,7 +18,9 @@ import numpy as np
 from . import state as st
 from .checkpoint import Checkpoint
 from .dtypes import sub_delta, to_float, ulp
-from .errors import BaseMismatchError, CheckpointError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError
+from .errors import (
+    BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError,
+)
 from .format import Patch, rows_hash
 from .stfile import row_runs, write_rows
 
@@ -248,14 +250,38 @@ def _check_output(ckpt_path: Path, output: Path, overwrite: bool) -> None:
     out, src = output.resolve(), ckpt_path.resolve()
     if out == src or src in out.parents:
         raise CheckpointError(f"output {output} must not be the checkpoint or lie inside it; use --in-place to edit it")
+    if out in src.parents:
+        # replacing it (--overwrite) would delete the checkpoint being read
+        raise CheckpointError(f"output {output} contains the checkpoint {ckpt_path}; choose a folder outside it")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)", path=output)
     if not output.parent.exists():
         raise CheckpointError(f"the folder {output.parent} for the output does not exist")
 
 
+def _own_files(paths) -> None:
+    """Give each weight file about to be rewritten in place an inode of its own. A hard link (from
+    `apply -o --link`) or a symlink (a Hub cache snapshot) would otherwise carry the write into
+    another checkpoint or into the cache. The copy has the same bytes, so a crash here changes nothing."""
+    for path in paths:
+        if not (path.is_symlink() or path.stat().st_nlink > 1):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)  # follows a symlink to the bytes it points at
+            shutil.copymode(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 def _write_in_place(plan: Plan) -> None:
     ck = plan.overlay.ckpt
+    _own_files(sorted({ck.info(n).file for n in plan.overlay.rows}))
     for pid, originals in plan.undo.items():
         st.write_undo(ck.path, pid, originals)
     st.crashpoint("after-undo")
@@ -376,6 +402,12 @@ def status(checkpoint) -> dict:
     if st.has_journal(ck.path):
         with st.locked(ck.path):
             recovered = st.recover(ck.path)
+    elif st.has_leftovers(ck.path):
+        try:
+            with st.locked(ck.path):
+                st.recover(ck.path)  # no journal: only removes what no applied patch refers to
+        except LockedError:
+            pass  # another process is writing: those files are its own, not leftovers
     state = st.load_state(ck.path)
     undos = {rec.id: st.read_undo(ck.path, rec.id) or {} for rec in state.applied}
     out = []

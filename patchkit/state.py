@@ -218,6 +218,21 @@ def has_journal(ckpt_path: Path) -> bool:
     return (state_dir(ckpt_path) / JOURNAL).exists()
 
 
+def has_leftovers(ckpt_path: Path) -> bool:
+    """Files an interrupted write left without a journal: undo records no applied patch refers to
+    (a kill after the undo record, before the journal), temporary files, an empty state folder."""
+    d = state_dir(ckpt_path)
+    if not d.is_dir():
+        return False
+    keep = {r.id for r in load_state(ckpt_path).applied}
+    undo = d / "undo"
+    if undo.is_dir() and any(
+        not (p.name.endswith(".safetensors") and p.name[: -len(".safetensors")] in keep) for p in undo.iterdir()
+    ):
+        return True
+    return any(p.name.startswith(".") and p.name.endswith(".tmp") for p in d.iterdir()) or not any(d.iterdir())
+
+
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:

@@ -112,7 +112,7 @@ def reference_apply(state: dict[str, torch.Tensor], patch: Patch) -> dict[str, t
     for name, e in patch.edits.items():
         w = out[name]
         view = w.view(1, -1) if w.ndim <= 1 else w.view(-1, w.shape[-1])
-        idx = torch.from_numpy(e.rows)
+        idx = torch.from_numpy(np.array(e.rows))
         if e.encoding == "replace":
             raw = torch.from_numpy(np.ascontiguousarray(e.values).view(np.uint8).copy())
             view[idx] = raw.view(w.dtype).reshape(len(e.rows), -1)

@@ -439,8 +439,9 @@ def test_factorize_is_bit_exact_with_signed_zeros():
     delta = np.array([[-0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
     fac = factorize(delta)
     if fac is not None:
-        assert (fac[1][:, None] * fac[0][None, :]).view(np.uint32).tolist() == delta.view(np.uint32).tolist() or (
-            len(fac[1]) == 1 and False)
+        direction, scale = fac
+        scale = np.repeat(scale, 2) if len(scale) == 1 else scale
+        assert (scale[:, None] * direction[None, :]).view(np.uint32).tolist() == delta.view(np.uint32).tolist()
     e = make_edit("w", (4, 2), "F32", [0, 1], np.zeros((2, 8), np.uint8), delta=delta)
     assert e.deltas().view(np.uint32).tolist() == delta.view(np.uint32).tolist()
     base = np.array([[-0.0, 0.0], [-0.0, 0.0]], dtype=np.float32)
