@@ -22,7 +22,7 @@ from .errors import (
     BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError,
 )
 from .format import Patch, rows_hash
-from .stfile import row_runs, write_rows
+from .stfile import row_runs, umask, write_rows
 
 PatchLike = "Patch | str | Path"
 
@@ -48,17 +48,24 @@ class _Overlay:
         self.raw: dict[str, np.ndarray] = {}
         self.disk: dict[str, np.ndarray] = {}  # bytes on disk for self.rows (for the journal)
 
-    def read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        out = self.ckpt.read_rows(name, rows)
+    def read_disk(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The rows' bytes on disk, all runs of rows read through one open handle."""
+        with open(self.ckpt.info(name).file, "rb") as f:
+            return self.ckpt.read_rows(name, rows, f)
+
+    def read(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows as the plan has left them so far, the rows on disk)."""
+        disk = self.read_disk(name, rows)
+        out = disk.copy()
         if name in self.rows:
             pos = np.searchsorted(self.rows[name], rows)
             pos = np.minimum(pos, len(self.rows[name]) - 1)
             hit = self.rows[name][pos] == rows
             out[hit] = self.raw[name][pos[hit]]
-        return out
+        return out, disk
 
-    def write(self, name: str, rows: np.ndarray, raw: np.ndarray) -> None:
-        disk = self.ckpt.read_rows(name, rows)
+    def write(self, name: str, rows: np.ndarray, raw: np.ndarray, disk: np.ndarray) -> None:
+        """Record new bytes for `rows`; `disk` is their bytes on disk (from `read`)."""
         if name not in self.rows:
             self.rows[name], self.raw[name], self.disk[name] = rows.copy(), raw.copy(), disk
             return
@@ -141,7 +148,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                     f"in the checkpoint, {edit.dtype} {list(edit.shape)} in the patch",
                     tensor=name,
                 )
-            current = overlay.read(name, edit.rows)
+            current, disk = overlay.read(name, edit.rows)
             if rows_hash(current) != edit.base_sha256:
                 if not force:
                     raise BaseMismatchError(
@@ -162,7 +169,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                     )
             originals[name] = (edit.rows, current)
             tensors[name] = {"rows": edit.n_rows, "after_sha256": rows_hash(new)}
-            overlay.write(name, edit.rows, new)
+            overlay.write(name, edit.rows, new, disk)
         if forced_here:
             plan.forced.append(pid)
         plan.undo[pid] = originals
@@ -205,14 +212,14 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
                         later=later.id, tensor=name,
                     )
         for name, (rows, orig) in sorted(undo.items()):
-            current = ck.read_rows(name, rows)
+            current = overlay.read_disk(name, rows)
             if rows_hash(current) != rec.tensors[name]["after_sha256"] and not force:
                 raise StateError(
                     f"rows of tensor {name} changed after patch {short(rec.id)} was applied; "
                     "--force restores the recorded original bytes anyway",
                     tensor=name,
                 )
-            overlay.write(name, rows, orig)
+            overlay.write(name, rows, orig, current)
         after = st.State([r for r in state.applied if r.id != rec.id])
         return Plan("revert", ck.path, [rec.id], overlay, after)
     # No record: the checkpoint was patched elsewhere. Subtract the deltas; exact only if it shows.
@@ -223,7 +230,7 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
         info = ck.info(name)
         if tuple(info.shape) != tuple(edit.shape) or info.dtype != edit.dtype:
             raise BaseMismatchError(f"patch {short(p.id)} does not fit this checkpoint: tensor {name} differs in shape or dtype", tensor=name)
-        current = ck.read_rows(name, edit.rows)
+        current = overlay.read_disk(name, edit.rows)
         if rows_hash(current) != edit.result_sha256 and not force:
             raise StateError(
                 f"patch {short(p.id)} is not applied to {ck.path}: the rows of {name} differ from what it writes "
@@ -240,7 +247,7 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
             if ok.any():
                 bound = 0.5 * ulp(pv[ok], edit.dtype) / ulp(rv[ok], edit.dtype) + 0.5
                 worst = max(worst, float(bound.max()))
-        overlay.write(name, edit.rows, new)
+        overlay.write(name, edit.rows, new, current)
     plan.max_error_ulps = worst
     return plan
 
@@ -335,13 +342,14 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
             with open(out_file, "r+b") as f:
                 for name in sorted(n for n in plan.overlay.rows if ck.info(n).file == path):
                     write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
-                f.flush()
-                os.fsync(f.fileno())
+        # Like `cp`, the new folder is not fsynced: it appears whole under its name (a rename), and a
+        # killed process loses nothing; only a power cut before the kernel writes it back could.
         st.copy_state(ck.path, tmp)
         for pid, originals in plan.undo.items():
             st.write_undo(tmp, pid, originals)
         st.save_state(tmp, plan.state_after)
         st.collect_garbage(tmp)
+        os.chmod(tmp, 0o777 & ~umask())
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-old", dir=output.parent))
             os.replace(output, trash / "old")

@@ -200,7 +200,7 @@ def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
                     f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
         tmp = None
     finally:
@@ -208,7 +208,7 @@ def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
