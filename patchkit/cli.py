@@ -6,7 +6,6 @@ PATCHKIT_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import warnings

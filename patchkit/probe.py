@@ -12,11 +12,7 @@ the probe is the one trained on the rest) or, for small sets, by stratified k-fo
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError, ProbeError
+from .probefile import ProbeArrays, read_probe, write_probe
 
-FORMAT = "patchkit-probe"
-VERSION = "1"
 KFOLD_BELOW = 200
 DEFAULT_EPOCHS = 100
 DEFAULT_LR = 1e-3
@@ -200,28 +195,8 @@ def train_layer_probes(
 # ------------------------------------------------------------------------------------- files
 
 
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file of float32 tensors with keys and metadata in sorted order, so the same
-    probe always gives the same bytes (the library writer orders metadata by hash)."""
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        data = tensors[name].detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
-
-
 def save_probe(probe: Probe, path: str | Path) -> Path:
-    """Write ``probe`` as ``.safetensors`` with JSON metadata, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    tensors = {"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().contiguous()}
-    for i, (w, b) in sorted(probe.layer_probes.items()):
-        tensors[f"layers.{i}.weight"] = w.float().contiguous()
-        tensors[f"layers.{i}.bias"] = b.float().contiguous()
+    """Write ``probe`` as ``.safetensors`` with JSON metadata, atomically (see :mod:`patchkit.probefile`)."""
     info = {
         "behavior_index": probe.behavior_index, "label_names": list(probe.label_names), "layer": probe.layer,
         "pool": probe.pool, "model_fingerprint": probe.model_fingerprint, "data_hash": probe.data_hash,
@@ -229,55 +204,31 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
         "heldout_accuracy": probe.heldout_accuracy, "heldout_method": probe.heldout_method,
         "training": probe.training, "layer_accuracies": {str(k): v for k, v in sorted(probe.layer_accuracies.items())},
     }  # fmt: skip
-    meta = {"format": FORMAT, "version": VERSION, "probe": json.dumps(info, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    layers = {i: (_np(w), _np(b)) for i, (w, b) in probe.layer_probes.items()}
+    return write_probe(path, ProbeArrays(_np(probe.weight), _np(probe.bias), info, layers))
+
+
+def _np(t: torch.Tensor):
+    return t.detach().cpu().float().contiguous().numpy()
+
+
+def probe_from_arrays(arrays: ProbeArrays) -> Probe:
+    info = arrays.info
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_safetensors_bytes(tensors, meta))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a probe is an ordinary shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return Probe(
+            weight=torch.from_numpy(arrays.weight), bias=torch.from_numpy(arrays.bias),
+            behavior_index=int(info["behavior_index"]), label_names=tuple(info["label_names"]),
+            layer=int(info["layer"]), pool=str(info["pool"]), model_fingerprint=str(info["model_fingerprint"]),
+            data_hash=str(info["data_hash"]), n_examples=int(info["n_examples"]),
+            train_accuracy=float(info["train_accuracy"]), heldout_accuracy=info["heldout_accuracy"],
+            heldout_method=str(info["heldout_method"]), training=dict(info["training"]),
+            layer_probes={i: (torch.from_numpy(w), torch.from_numpy(b)) for i, (w, b) in arrays.layers.items()},
+            layer_accuracies={int(k): v for k, v in info.get("layer_accuracies", {}).items()},
+        )  # fmt: skip
+    except (KeyError, ValueError, TypeError) as e:
+        raise ProbeError(f"damaged probe metadata ({e}); retrain the probe") from None
 
 
 def load_probe(path: str | Path) -> Probe:
     """Read a probe written by :func:`save_probe`; anything else raises :class:`ProbeError`."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ProbeError(f"{path}: no such probe file; train one first", path=str(path))
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ProbeError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:80]}); pass a probe file", path=str(path)) from None
-    if meta.get("format") != FORMAT:
-        raise ProbeError(f"{path}: not a patchkit probe (format {meta.get('format')!r}); pass a probe file", path=str(path))
-    if meta.get("version") != VERSION:
-        raise ProbeError(f"{path}: probe format version {meta.get('version')!r} is not supported; retrain the probe", path=str(path))
-    try:
-        info = json.loads(meta["probe"])
-        weight, bias = tensors["weight"], tensors["bias"]
-        if weight.ndim != 2 or weight.shape[0] != 2 or bias.shape != (2,):
-            raise ValueError("bad weight or bias shape")
-        layer_probes = {}
-        for name in tensors:
-            if name.startswith("layers.") and name.endswith(".weight"):
-                i = int(name.split(".")[1])
-                layer_probes[i] = (tensors[name], tensors[f"layers.{i}.bias"])
-        return Probe(
-            weight=weight, bias=bias, behavior_index=int(info["behavior_index"]),
-            label_names=tuple(info["label_names"]), layer=int(info["layer"]), pool=str(info["pool"]),
-            model_fingerprint=str(info["model_fingerprint"]), data_hash=str(info["data_hash"]),
-            n_examples=int(info["n_examples"]), train_accuracy=float(info["train_accuracy"]),
-            heldout_accuracy=info["heldout_accuracy"], heldout_method=str(info["heldout_method"]),
-            training=dict(info["training"]), layer_probes=layer_probes,
-            layer_accuracies={int(k): v for k, v in info.get("layer_accuracies", {}).items()},
-        )  # fmt: skip
-    except (KeyError, ValueError, TypeError) as e:
-        raise ProbeError(f"{path}: damaged probe metadata or tensors ({e}); retrain the probe", path=str(path)) from None
+    return probe_from_arrays(read_probe(path))

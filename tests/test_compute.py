@@ -168,3 +168,17 @@ def test_cli_compute_json_and_errors(copy_ckpt, tmp_path):
 def test_cli_reference_in_readme_is_current():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_compute_path_does_not_import_torch(copy_ckpt, tmp_path):
+    base = copy_ckpt("bf16", False)
+    probe_path = save_probe(make_probe(Checkpoint(base)), tmp_path / "p.safetensors")
+    code = (
+        "import sys; from patchkit.cli import main\n"
+        f"try: main(['compute', {str(base)!r}, '--probe', {str(probe_path)!r}, '-o', {str(tmp_path / 'x.safetensors')!r}, '--top-k', '4'])\n"
+        "except SystemExit as e: assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'compute imported torch'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "x.safetensors").exists()
