@@ -118,6 +118,8 @@ def _local_checkpoint(ref: str, in_place: bool) -> str:
 
 # ---- apply / revert ---------------------------------------------------------------------------------
 def _write_options(f):
+    f = click.option("--fsync", is_flag=True,
+                     help="With --in-place: force each step to disk in order (survives power loss; slower).")(f)
     f = click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")(f)
     f = click.option("--force", is_flag=True, help="Go on when the checkpoint's rows differ from the patch's base.")(f)
@@ -157,13 +159,14 @@ def _report_write(verb):
 @_write_options
 @click.option("--link", is_flag=True, help="With -o: hard-link untouched shards instead of copying them.")
 @json_option
-def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, link, as_json):
+def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsync, link, as_json):
     """Bake PATCHES (in order, in one pass) into CHECKPOINT."""
     from . import ops
 
     _check_target(output, in_place)
     checkpoint = _local_checkpoint(checkpoint, in_place)
-    r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run)
+    r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run,
+                  fsync=fsync)
     _emit(as_json, r, _report_write("apply"))
 
 
@@ -172,12 +175,13 @@ def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, link
 @click.argument("checkpoint", type=click.Path())
 @_write_options
 @json_option
-def revert(patch, checkpoint, output, in_place, force, overwrite, dry_run, as_json):
+def revert(patch, checkpoint, output, in_place, force, overwrite, dry_run, fsync, as_json):
     """Take PATCH (a file, or an applied patch's id) out of CHECKPOINT again, bit for bit."""
     from . import ops
 
     _check_target(output, in_place)
-    r = ops.revert(patch, checkpoint, output, in_place=in_place, force=force, overwrite=overwrite, dry_run=dry_run)
+    r = ops.revert(patch, checkpoint, output, in_place=in_place, force=force, overwrite=overwrite, dry_run=dry_run,
+                   fsync=fsync)
     _emit(as_json, r, _report_write("revert"))
 
 

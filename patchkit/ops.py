@@ -286,35 +286,45 @@ def _own_files(paths) -> None:
                 os.unlink(tmp)
 
 
-def _write_in_place(plan: Plan) -> None:
+def _write_in_place(plan: Plan, fsync: bool = False) -> None:
+    """Rewrite the touched rows inside the checkpoint's own files, under a journal.
+
+    A process killed at any point leaves a journal that the next command rolls back. With `fsync`
+    every step is also forced to disk in order, so that a power cut cannot reorder them.
+    """
     ck = plan.overlay.ckpt
     _own_files(sorted({ck.info(n).file for n in plan.overlay.rows}))
     for pid, originals in plan.undo.items():
-        st.write_undo(ck.path, pid, originals)
+        st.write_undo(ck.path, pid, originals, fsync=fsync)
     st.crashpoint("after-undo")
-    ranges = []
-    for name in sorted(plan.overlay.rows):
-        info = ck.info(name)
-        rel = str(info.file.relative_to(ck.path))
-        rows, disk = plan.overlay.rows[name], plan.overlay.disk[name]
-        for first, count, pos in row_runs(rows):
-            ranges.append((rel, info.offset + first * info.row_bytes, disk[pos : pos + count].tobytes()))
-    st.write_journal(ck.path, ranges, st.load_state(ck.path))
+    before = st.load_state(ck.path)
+    if plan.action == "apply":
+        st.write_journal(ck.path, before, undo_ids=list(plan.undo), fsync=fsync)
+    else:
+        ranges = []
+        for name in sorted(plan.overlay.rows):
+            info = ck.info(name)
+            rel = str(info.file.relative_to(ck.path))
+            rows, disk = plan.overlay.rows[name], plan.overlay.disk[name]
+            for first, count, pos in row_runs(rows):
+                ranges.append((rel, info.offset + first * info.row_bytes, disk[pos : pos + count].tobytes()))
+        st.write_journal(ck.path, before, ranges=ranges, fsync=fsync)
     st.crashpoint("after-journal")
     by_file: dict[Path, list[str]] = {}
     for name in plan.overlay.rows:
         by_file.setdefault(ck.info(name).file, []).append(name)
-    for i, (path, names) in enumerate(sorted(by_file.items())):
+    for path, names in sorted(by_file.items()):
         with open(path, "r+b") as f:
             for name in sorted(names):
                 write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
                 st.crashpoint("mid-write")
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     st.crashpoint("after-write")
-    st.save_state(ck.path, plan.state_after)
+    st.save_state(ck.path, plan.state_after, fsync=fsync)
     st.crashpoint("after-state")
-    st.clear_journal(ck.path)
+    st.clear_journal(ck.path, fsync=fsync)
     st.collect_garbage(ck.path)
 
 
@@ -363,7 +373,7 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, dry_run) -> dict:
+def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, dry_run, fsync=False) -> dict:
     checkpoint = Path(checkpoint)
     if (output is None) == (not in_place):
         raise PatchkitError("give exactly one of an output folder (-o) or --in-place")
@@ -381,24 +391,28 @@ def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, 
         if dry_run:
             return result
         if in_place:
-            _write_in_place(plan)
+            _write_in_place(plan, fsync)
         else:
             _write_output(plan, output, link, overwrite)
     return result
 
 
-def apply(patches, checkpoint, output=None, *, in_place=False, force=False, link=False, overwrite=False, dry_run=False) -> dict:
-    """Apply one or more patches, in order, in one pass. Returns the plan's summary plus `applied`."""
+def apply(patches, checkpoint, output=None, *, in_place=False, force=False, link=False, overwrite=False, dry_run=False,
+          fsync=False) -> dict:
+    """Apply one or more patches, in order, in one pass. Returns the plan's summary plus `applied`.
+
+    `fsync` forces every in-place step to disk in order (safe against power loss, slower); without
+    it an in-place write is still safe against the process being killed at any moment."""
     if isinstance(patches, (str, Path, Patch)):
         patches = [patches]
-    result = _run(plan_apply, patches, checkpoint, output, in_place, force, link, overwrite, dry_run)
+    result = _run(plan_apply, patches, checkpoint, output, in_place, force, link, overwrite, dry_run, fsync)
     result["applied"] = result["patches"]
     return result
 
 
-def revert(patch, checkpoint, output=None, *, in_place=False, force=False, overwrite=False, dry_run=False) -> dict:
+def revert(patch, checkpoint, output=None, *, in_place=False, force=False, overwrite=False, dry_run=False, fsync=False) -> dict:
     """Take a patch out again: bit for bit from the undo record, or approximately without one."""
-    result = _run(plan_revert, patch, checkpoint, output, in_place, force, False, overwrite, dry_run)
+    result = _run(plan_revert, patch, checkpoint, output, in_place, force, False, overwrite, dry_run, fsync)
     result["reverted"] = result["patches"]
     return result
 

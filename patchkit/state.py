@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, LockedError
-from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
+from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize_chunks, write_rows
 
 STATE_DIR = ".patchkit"
 STATE_FILE = "state.json"
@@ -79,11 +79,11 @@ def load_state(ckpt_path: Path) -> State:
         raise CheckpointError(f"{p} is damaged; move it away to treat the checkpoint as unpatched") from None
 
 
-def save_state(ckpt_path: Path, state: State) -> None:
+def save_state(ckpt_path: Path, state: State, fsync: bool = True) -> None:
     d = state_dir(ckpt_path)
     if state.applied:
         d.mkdir(exist_ok=True)
-        atomic_write_bytes(d / STATE_FILE, state.to_bytes())
+        atomic_write_bytes(d / STATE_FILE, state.to_bytes(), fsync=fsync)
     elif (d / STATE_FILE).exists():
         os.unlink(d / STATE_FILE)
 
@@ -93,7 +93,7 @@ def undo_path(ckpt_path: Path, patch_id: str) -> Path:
     return state_dir(ckpt_path) / "undo" / f"{patch_id}.safetensors"
 
 
-def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True) -> Path:
     """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes])."""
     arrays = {}
     for name, (rows, raw) in originals.items():
@@ -101,7 +101,7 @@ def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.nda
         arrays[f"{name}::orig"] = ("U8", raw)
     p = undo_path(ckpt_path, patch_id)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, serialize(arrays, {"format": "patchkit.undo", "patch_id": patch_id}))
+    atomic_write_bytes(p, serialize_chunks(arrays, {"format": "patchkit.undo", "patch_id": patch_id}), fsync=fsync)
     return p
 
 
@@ -159,25 +159,37 @@ def locked(ckpt_path: Path, exclusive: bool = True):
 
 
 # ---- journal -------------------------------------------------------------------------------------
-def write_journal(ckpt_path: Path, ranges: list[tuple[str, int, bytes]], state_before: State) -> None:
-    """ranges: (weight file relative to the checkpoint, byte offset, current bytes there)."""
+# An in-place write is journaled in one of two ways, both small:
+# - "undo": apply. The undo records of the patches (written whole before the journal) hold the bytes
+#   to put back; recovery writes them back, newest patch first, and restores the state before.
+# - "bytes": revert. The journal holds the current bytes of every range about to be overwritten;
+#   recovery writes them back and restores the state before.
+def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] | None = None,
+                  ranges: list[tuple[str, int, bytes]] | None = None, fsync: bool = True) -> None:
+    """undo_ids: patches whose undo records roll the write back; or ranges: (weight file relative to
+    the checkpoint, byte offset, current bytes there)."""
+    ranges = ranges or []
     arrays = {f"r{i:08d}": ("U8", np.frombuffer(data, dtype=np.uint8)) for i, (_, _, data) in enumerate(ranges)}
     meta = {
         "format": "patchkit.journal",
+        "mode": "undo" if undo_ids is not None else "bytes",
+        "undo_ids": json.dumps(undo_ids or []),
         "ranges": json.dumps([[f, off] for f, off, _ in ranges]),
         "state_before": state_before.to_bytes().decode(),
     }
     d = state_dir(ckpt_path)
     d.mkdir(exist_ok=True)
-    atomic_write_bytes(d / JOURNAL, serialize(arrays, meta))
-    _fsync_dir(d)
+    atomic_write_bytes(d / JOURNAL, serialize_chunks(arrays, meta), fsync=fsync)
+    if fsync:
+        _fsync_dir(d)
 
 
-def clear_journal(ckpt_path: Path) -> None:
+def clear_journal(ckpt_path: Path, fsync: bool = True) -> None:
     p = state_dir(ckpt_path) / JOURNAL
     if p.exists():
         p.unlink()
-        _fsync_dir(p.parent)
+        if fsync:
+            _fsync_dir(p.parent)
 
 
 def recover(ckpt_path: Path) -> bool:
@@ -188,6 +200,8 @@ def recover(ckpt_path: Path) -> bool:
         return False
     try:
         header = read_header(p)
+        mode = header.metadata.get("mode", "bytes")
+        undo_ids = json.loads(header.metadata.get("undo_ids", "[]"))
         ranges = json.loads(header.metadata["ranges"])
         before = json.loads(header.metadata["state_before"])
     except (STFormatError, KeyError, json.JSONDecodeError, OSError):
@@ -196,17 +210,29 @@ def recover(ckpt_path: Path) -> bool:
         p.unlink()
         collect_garbage(ckpt_path)
         return True
-    names = sorted(header.tensors)
-    by_file: dict[str, list[tuple[int, bytes]]] = {}
-    with open(p, "rb") as jf:
-        for (rel, off), key in zip(ranges, names):
-            by_file.setdefault(rel, []).append((off, read_tensor(header.tensors[key], jf).tobytes()))
-    for rel, items in by_file.items():
-        with open(Path(ckpt_path) / rel, "r+b") as f:
-            for off, data in items:
-                os.pwrite(f.fileno(), data, off)
-            f.flush()
-            os.fsync(f.fileno())
+    if mode == "undo":
+        from .checkpoint import Checkpoint
+
+        ck = Checkpoint(ckpt_path)
+        for pid in reversed(undo_ids):
+            for name, (rows, orig) in (read_undo(ckpt_path, pid) or {}).items():
+                info = ck.info(name)
+                with open(info.file, "r+b") as f:
+                    write_rows(info, rows, orig, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+    else:
+        names = sorted(header.tensors)
+        by_file: dict[str, list[tuple[int, bytes]]] = {}
+        with open(p, "rb") as jf:
+            for (rel, off), key in zip(ranges, names):
+                by_file.setdefault(rel, []).append((off, read_tensor(header.tensors[key], jf).tobytes()))
+        for rel, items in by_file.items():
+            with open(Path(ckpt_path) / rel, "r+b") as f:
+                for off, data in items:
+                    os.pwrite(f.fileno(), data, off)
+                f.flush()
+                os.fsync(f.fileno())
     state = State([AppliedRecord.from_json(r) for r in before["applied"]])
     save_state(ckpt_path, state)
     clear_journal(ckpt_path)

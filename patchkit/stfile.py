@@ -129,16 +129,20 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
     return struct.pack("<Q", len(text)) + text
 
 
-def serialize(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
-    """tensors: name -> (safetensors dtype, array holding the elements). Sorted by name."""
+def serialize_chunks(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> list:
+    """The file as a list of buffers (header, then each tensor's data), without copying the data."""
     entries, blobs = [], []
     for name in sorted(tensors):
         dtype, arr = tensors[name]
         arr = np.ascontiguousarray(arr, dtype=STORAGE[dtype])
-        blob = arr.tobytes()
-        entries.append((name, dtype, tuple(arr.shape), len(blob)))
-        blobs.append(blob)
-    return encode_header(entries, metadata) + b"".join(blobs)
+        entries.append((name, dtype, tuple(arr.shape), arr.nbytes))
+        blobs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+    return [encode_header(entries, metadata), *blobs]
+
+
+def serialize(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
+    """tensors: name -> (safetensors dtype, array holding the elements). Sorted by name."""
+    return b"".join(bytes(c) for c in serialize_chunks(tensors, metadata))
 
 
 def read_tensor(info: TensorInfo, f=None) -> np.ndarray:
@@ -187,8 +191,8 @@ def write_rows(info: TensorInfo, rows: np.ndarray, data: np.ndarray, f) -> None:
             raise OSError(f"short write to {info.file}")
 
 
-def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write to a unique temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes], fsync: bool = True) -> None:
+    """Write to a unique temporary file in the same folder (fsync it), then rename over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -199,7 +203,8 @@ def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
                 for chunk in data:
                     f.write(chunk)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
         tmp = None

@@ -1,0 +1,464 @@
+"""evaluate: what patches do to a model's behaviour and capability, measured on one loaded base.
+
+The base is loaded once, in the checkpoint's dtype; each patch (and each control) is applied in
+memory for its generations and reverted after, and the touched rows are checked bit for bit
+against the patches' base fingerprints at the end. Judges score the continuations only after every
+patch is reverted, so a probe judge reads the BASE model's hidden states and does not move with
+the edit. See docs/eval.md for what each number means and its limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import string
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import judges as J
+from .errors import DataError, OutputExistsError, ProbeError, UnsupportedError
+from .format import Patch, TensorEdit, rows_hash
+from .memory import _TORCH_DTYPE, _raw, _row_view, _tensors, apply_in_memory, revert_in_memory, patched
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens), padding excluded."""
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    return float(nll[valid].double().sum()), int(valid.sum())
+
+
+def kl_sum(base_logits: torch.Tensor, other_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(sum over real positions of KL(base || other) of the next-token distributions, positions)."""
+    lp = torch.log_softmax(base_logits.float(), dim=-1)
+    lq = torch.log_softmax(other_logits.float(), dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    m = mask.bool()
+    return float(kl[m].double().sum()), int(m.sum())
+
+
+def summarize(scores: Sequence[Sequence[float]], threshold: float) -> dict:
+    """Per prompt a list of sample scores -> mean score, rate >= threshold, and RealToxicityPrompts'
+    expected maximum score and probability of at least one sample >= threshold (over prompts)."""
+    flat = [s for row in scores for s in row]
+    maxes = [max(row) for row in scores]
+    return {
+        "mean": float(np.mean(flat)), "rate": float(np.mean([s >= threshold for s in flat])),
+        "expected_max": float(np.mean(maxes)), "p_any": float(np.mean([m >= threshold for m in maxes])),
+        "n_prompts": len(scores), "n_texts": len(flat),
+    }
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """mean(a - b) over prompts with a percentile confidence interval from resampling prompts (pairs kept)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise DataError("paired bootstrap needs two equally long, non-empty score lists")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "level": level, "n": int(d.size), "boot": n_boot}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def load_prompts(spec: str, limit: int | None = None, field_names=("prompt", "text")) -> tuple[list[str], dict]:
+    """builtin:NAME, a .jsonl file (field prompt or text), or a text file of one prompt a line.
+    ``limit`` keeps N prompts evenly spread over the set (the built-in sets are ordered by attribute)."""
+    from .data import builtin_prompts
+
+    if spec.startswith("builtin:"):
+        items = builtin_prompts(spec.split(":", 1)[1])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"prompt file {spec} does not exist")
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if path.suffix.lower() in (".jsonl", ".json"):
+            items = []
+            for i, ln in enumerate(lines, 1):
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError:
+                    raise DataError(f"{spec}:{i}: not valid JSON") from None
+                text = row if isinstance(row, str) else next((row[f] for f in field_names if isinstance(row, dict) and f in row), None)
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"{spec}:{i}: no {' or '.join(field_names)} field with text")
+                items.append(text)
+        else:
+            items = lines
+    if not items:
+        raise DataError(f"{spec}: no prompts")
+    if limit is not None and 0 < limit < len(items):
+        step = len(items) / limit
+        items = [items[int(i * step)] for i in range(limit)]
+    digest = hashlib.sha256("\n".join(items).encode()).hexdigest()
+    return list(items), {"source": spec, "n": len(items), "sha256": digest}
+
+
+def load_qa(path: str | Path) -> list[tuple[str, list[str]]]:
+    """JSONL rows {"question": ..., "answer": "..." or ["...", ...]}."""
+    out = []
+    for i, ln in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            q, a = row["question"], row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{i}: need a JSON object with question and answer") from None
+        out.append((str(q), [str(x) for x in (a if isinstance(a, list) else [a])]))
+    if not out:
+        raise DataError(f"{path}: no question/answer rows")
+    return out
+
+
+def normalize_answer(s: str) -> str:
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """SQuAD-style exact match of the prediction's first non-empty line."""
+    first = next((ln for ln in prediction.splitlines() if ln.strip()), "")
+    return normalize_answer(first) in {normalize_answer(a) for a in answers}
+
+
+# --------------------------------------------------------------------------------------- generation
+def format_prompts(tok: Any, prompts: Sequence[str], chat: bool) -> list[str]:
+    if not chat:
+        return list(prompts)
+    if not getattr(tok, "chat_template", None):
+        raise UnsupportedError("the tokenizer has no chat template; evaluate without chat prompts")
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+def generate_batched(model, tok, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16, samples: int = 1,
+                     temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[list[str]]:
+    """Continuations, ``[prompt][sample]``: batches of similar length, left padding, KV cache.
+    Greedy when temperature is 0; sampled runs reseed with ``seed`` so conditions share the draws."""
+    if samples > 1 and temperature <= 0:
+        raise DataError("several samples need a temperature above 0")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    texts = format_prompts(tok, prompts, chat)
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=not chat)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    out: list[list[str]] = [[] for _ in texts]
+    torch.manual_seed(seed)
+    kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=not chat)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                                 pad_token_id=tok.pad_token_id, use_cache=True, **kw)
+            dec = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for j, i in enumerate(chunk):
+                out[i] = [t.strip() for t in dec[j * samples : (j + 1) * samples]]
+    return out
+
+
+@contextmanager
+def float32_view(model):
+    """The model in float32 inside the block, and back to its dtype after: bit-exact both ways
+    for bf16 and fp16 (widening is exact), so a judge reads features as probes are trained."""
+    dtype = next(model.parameters()).dtype
+    model.to(torch.float32)
+    try:
+        yield model
+    finally:
+        model.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- controls
+def make_controls(model, patch: Patch, seed: int = 0) -> list[tuple[str, Patch]]:
+    """Two controls of matched edit norm, built from the patch itself (no probe needed):
+    ``random-rows``: per tensor, as many rows drawn uniformly at random, the same deltas;
+    ``random-direction``: the same rows, each direction replaced by a Gaussian one of the same norm
+    (one random direction per distinct patch direction, so a shared direction stays shared)."""
+    tensors = _tensors(model)
+    rng = np.random.default_rng(seed)
+    rr, rd, cache = {}, {}, {}
+    for name in sorted(patch.edits):
+        e = patch.edits[name]
+        if e.encoding == "replace":
+            raise UnsupportedError(f"tensor {name}: controls need delta edits, not replacement values")
+        t = tensors[name].data if isinstance(tensors[name], torch.nn.Parameter) else tensors[name]
+        view = _row_view(t)
+        n_rows = view.shape[0]
+        rows = np.sort(rng.choice(n_rows, size=e.n_rows, replace=False)).astype(np.int64)
+        for out, r, kw in ((rr, rows, dict(direction=e.direction, scale=e.scale, delta=e.delta)), (rd, e.rows, None)):
+            if kw is None:
+                if e.encoding == "factored":
+                    key = e.direction.tobytes()
+                    if key not in cache:
+                        g = rng.standard_normal(e.direction.shape)
+                        cache[key] = (g * np.linalg.norm(e.direction.astype(np.float64)) / np.linalg.norm(g)).astype(np.float32)
+                    kw = dict(direction=cache[key], scale=e.scale, delta=None)
+                else:
+                    g = rng.standard_normal(e.delta.shape)
+                    g *= np.linalg.norm(e.delta.astype(np.float64), axis=1, keepdims=True) / np.linalg.norm(g, axis=1, keepdims=True)
+                    kw = dict(direction=None, scale=None, delta=g.astype(np.float32))
+            base_raw = _raw(view[torch.from_numpy(r)], e.dtype)
+            edit = TensorEdit(name, e.shape, e.dtype, r, e.encoding, rows_hash(base_raw), **kw)
+            edit.validate()
+            edit.result_sha256 = rows_hash(edit.new_rows(base_raw))
+            out[name] = edit
+    made = []
+    for kind, edits in (("random-rows", rr), ("random-direction", rd)):
+        prov = {"method": "control", "control": kind, "of": patch.id, "seed": seed}
+        made.append((kind, Patch(edits=edits, base_model=patch.base_model, base_revision=patch.base_revision, provenance=prov)))
+    return made
+
+
+def edit_norm(patch: Patch) -> float:
+    """sqrt of the sum of squared row deltas: the size of the edit, matched by the controls."""
+    return float(math.sqrt(sum(float((e.deltas().astype(np.float64) ** 2).sum()) for e in patch.edits.values() if e.encoding != "replace")))
+
+
+def rows_intact(model, patch: Patch) -> bool:
+    """The touched rows hold exactly the patch's base bytes (the patch is not applied)."""
+    tensors = _tensors(model)
+    for name, e in patch.edits.items():
+        t = tensors[name].data if isinstance(tensors[name], torch.nn.Parameter) else tensors[name]
+        if rows_hash(_raw(_row_view(t)[torch.from_numpy(np.array(e.rows))], _TORCH_DTYPE[t.dtype])) != e.base_sha256:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------ result
+@dataclass
+class Condition:
+    name: str  # "base", the patch's short id, or "<short id>/random-rows"
+    kind: str  # base | patch | random-rows | random-direction
+    patch_id: str | None = None
+    of_patch: str | None = None
+    label: str = ""
+    rows: int = 0
+    edit_norm: float = 0.0
+    continuations: list[list[str]] = field(default_factory=list)
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    capability: dict = field(default_factory=dict)
+    qa: dict | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    model: str
+    model_fingerprint: str
+    settings: dict
+    prompts: list[str]
+    sources: dict
+    judges: list[dict]
+    conditions: list[Condition]
+    comparisons: list[dict]
+    reverted_bit_identical: bool
+    timing: dict
+
+    def condition(self, name: str) -> Condition:
+        return next(c for c in self.conditions if c.name == name or c.patch_id == name)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=float))
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = "builtin:toxic-prompts",
+             benign: str | Sequence[str] | None = "builtin:benign-requests", judges: Sequence = ("lexical",),
+             samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 32, batch_size: int = 16,
+             controls: bool = False, qa=None, seed: int = 0, *, limit: int | None = None, benign_limit: int | None = 32,
+             judge_label: str | None = None, judge_check: str | None = None, force_judge: bool = False,
+             chat: bool | None = None, n_boot: int = 2000, log: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate ``patches`` on the model at ``model_path`` (a folder, Hub id or ``embedded``); see the module doc."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import Checkpoint
+    from .method import load_data, resolve_model_arg
+
+    say = log or (lambda _m: None)
+    t_start = time.monotonic()
+    path = resolve_model_arg(str(model_path))
+    fingerprint = Checkpoint(path).fingerprint()
+    loaded = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
+    ids = [p.id for p in loaded]
+    if len(set(ids)) != len(ids):
+        raise DataError("the same patch is given twice")
+    dtypes = {e.dtype for p in loaded for e in p.edits.values()} or {_config_dtype(path)}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+        raise UnsupportedError(f"patches for dtypes {sorted(dtypes)}: evaluate patches of one float dtype at a time")
+    judge_objs = [j if isinstance(j, J.Judge) else J.make_judge(j, label=judge_label, model_fingerprint=fingerprint, force=force_judge)
+                  for j in judges]
+    if not judge_objs:
+        raise DataError("give at least one judge")
+    for p in loaded:
+        for j in judge_objs:
+            if J.self_judging(j, p.provenance) and not force_judge:
+                raise ProbeError(f"judge {j.name} is the probe patch {p.id[:12]} was made with: it would judge its own edit; "
+                                 "use a probe of another layer or data, or force it")
+    if isinstance(prompts, str):
+        prompt_list, prompt_src = load_prompts(prompts, limit)
+    else:
+        prompt_list, prompt_src = list(prompts)[:limit], {"source": "given", "n": len(list(prompts)[:limit])}
+    if isinstance(benign, str):
+        benign_list, benign_src = load_prompts(benign, benign_limit)
+    else:
+        benign_list = list(benign or [])[:benign_limit]
+        benign_src = {"source": "given", "n": len(benign_list)}
+    qa_rows = load_qa(qa) if qa else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[next(iter(dtypes))]).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    use_chat = chat if chat is not None else any(j.kind == "refusal" for j in judge_objs) and bool(getattr(tok, "chat_template", None))
+
+    conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
+    for p in loaded:
+        conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p)), p))
+        if controls:
+            for kind, c in make_controls(model, p, seed):
+                conds.append((Condition(f"{p.id[:12]}/{kind}", kind, c.id, p.id, f"{kind} control", c.rows, edit_norm(c)), c))
+    gen_kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, temperature=temperature, seed=seed, chat=use_chat)
+    for cond, p in conds:
+        t0 = time.monotonic()
+        with patched(model, *([p] if p is not None else [])):
+            cond.continuations = generate_batched(model, tok, prompt_list, **gen_kw)
+            if qa_rows:
+                preds = generate_batched(model, tok, [q for q, _ in qa_rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         chat=bool(getattr(tok, "chat_template", None)))
+                hits = [exact_match(pr[0], a) for pr, (_q, a) in zip(preds, qa_rows)]
+                cond.qa = {"exact_match": float(np.mean(hits)), "n": len(hits), "predictions": [pr[0] for pr in preds]}
+        cond.seconds = time.monotonic() - t0
+        say(f"generated {cond.name}: {len(prompt_list)} prompts x {samples} in {cond.seconds:.1f} s")
+
+    # judges: every patch is reverted now, so the model is the base
+    judge_info = []
+    with _judge_view(model, judge_objs):
+        for j in judge_objs:
+            flat = [t for c, _ in conds for row in c.continuations for t in row]
+            scores = iter(j.score(flat, model, tok))
+            for c, _ in conds:
+                c.scores[j.name] = [[next(scores) for _ in row] for row in c.continuations]
+                c.metrics[j.name] = summarize(c.scores[j.name], j.threshold)
+            info = {"name": j.name, "kind": j.kind, "threshold": j.threshold, "info": j.info, "check": None}
+            if judge_check and j.kind != "refusal":
+                data = load_data(judge_check, split="heldout")
+                info["check"] = J.check_judge(j, data.texts, data.labels, model, tok, source=data.source)
+            judge_info.append(info)
+            say(f"judged with {j.name}")
+    if benign_list:
+        _capability(model, tok, benign_list, conds, batch_size)
+        say("capability measured on benign text")
+    intact = all(rows_intact(model, p) for _c, p in conds if p is not None)
+
+    comparisons = []
+    for c, _ in conds:
+        if c.kind != "patch":
+            continue
+        for j in judge_objs:
+            per = lambda cc: [float(np.mean(r)) for r in cc.scores[j.name]]  # noqa: E731
+            row = {"patch": c.name, "judge": j.name, "vs_base": paired_bootstrap(per(c), per(conds[0][0]), n_boot, seed)}
+            for cc, _ in conds:
+                if cc.of_patch == c.patch_id:
+                    row[f"vs_{cc.kind}"] = paired_bootstrap(per(c), per(cc), n_boot, seed)
+            comparisons.append(row)
+    settings = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "controls": controls, "seed": seed, "chat": use_chat, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "n_boot": n_boot, "judge_check": judge_check, "force_judge": force_judge}
+    sources = {"prompts": prompt_src, "benign": benign_src, "qa": str(qa) if qa else None}
+    gen_s = sum(c.seconds for c, _ in conds)
+    timing = {"total_s": time.monotonic() - t_start, "generation_s": gen_s,
+              "prompts_per_s": len(prompt_list) * len(conds) / gen_s if gen_s else None}
+    return EvalResult(str(path), fingerprint, settings, prompt_list, sources, judge_info, [c for c, _ in conds],
+                      comparisons, intact, timing)
+
+
+def _config_dtype(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(name, "F32")
+
+
+@contextmanager
+def _judge_view(model, judge_objs):
+    if any(j.kind == "probe" for j in judge_objs):
+        with float32_view(model):
+            yield
+    else:
+        yield
+
+
+def _capability(model, tok, texts: list[str], conds, batch_size: int, max_length: int = 128) -> None:
+    """Perplexity of each condition on ``texts``, and mean next-token KL(base || condition)."""
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    acc = {c.name: [0.0, 0, 0.0, 0] for c, _ in conds}
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            base_logits = None
+            for c, p in conds:
+                undo = apply_in_memory(model, p) if p is not None else None
+                try:
+                    logits = model(**enc).logits
+                finally:
+                    if undo is not None:
+                        revert_in_memory(model, undo)
+                base_logits = logits if p is None else base_logits
+                s, n = token_nll(logits, enc["input_ids"], enc["attention_mask"])
+                k, m = kl_sum(base_logits, logits, enc["attention_mask"])
+                a = acc[c.name]
+                a[0], a[1], a[2], a[3] = a[0] + s, a[1] + n, a[2] + k, a[3] + m
+    for c, _ in conds:
+        s, n, k, m = acc[c.name]
+        c.capability = {"perplexity": math.exp(s / n) if n else None, "kl": k / m if m else None, "tokens": n, "texts": len(texts)}
+
+
+# ------------------------------------------------------------------------------------------- attach
+def evaluation_summary(result: EvalResult, patch_id: str) -> dict:
+    """The numbers of one patch (and of the base and its controls) as stored in a patch's ``eval``."""
+    cond = next((c for c in result.conditions if c.kind == "patch" and c.patch_id.startswith(patch_id)), None)
+    if cond is None:
+        raise DataError(f"patch {patch_id[:12]} is not in this evaluation")
+    base = result.conditions[0]
+    controls = {c.kind: {"metrics": c.metrics, "capability": c.capability} for c in result.conditions if c.of_patch == cond.patch_id}
+    return {
+        "tool": "patchkit evaluate", "evaluated_patch_id": cond.patch_id, "model_fingerprint": result.model_fingerprint,
+        "settings": result.settings, "sources": result.sources,
+        "judges": [{k: j[k] for k in ("name", "kind", "threshold", "check")} for j in result.judges],
+        "base": {"metrics": base.metrics, "capability": base.capability, "qa": (base.qa or {}).get("exact_match")},
+        "patched": {"metrics": cond.metrics, "capability": cond.capability, "qa": (cond.qa or {}).get("exact_match")},
+        "controls": controls, "effects": [r for r in result.comparisons if r["patch"] == cond.name],
+    }
+
+
+def attach_evaluation(patch_path, result: EvalResult, patch_id: str | None = None, output=None, overwrite: bool = False) -> Patch:
+    """Write a NEW patch file: the patch with ``evaluation`` set to this result's numbers for it.
+
+    The content id covers the evaluation, so the new file has a new id (its edits, rows and base
+    fingerprints are unchanged; ``evaluation.evaluated_patch_id`` names the file that was measured).
+    ``output`` defaults to ``<name>.eval.safetensors`` beside the patch."""
+    patch = Patch.load(patch_path)
+    pid = patch_id or patch.id
+    if not patch.id.startswith(pid):
+        raise DataError(f"patch {patch_path} has id {patch.id[:12]}, not {pid[:12]}")
+    summary = evaluation_summary(result, patch.id)
+    out = Path(output) if output else Path(patch_path).with_name(Path(patch_path).name.removesuffix(".safetensors") + ".eval.safetensors")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists (use overwrite to replace it)")
+    patch.evaluation = json.loads(json.dumps(summary, default=float))
+    patch.save(out)
+    return patch
