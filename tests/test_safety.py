@@ -306,3 +306,28 @@ def test_a_locked_checkpoint_is_refused(copy_ckpt, make_patch, tmp_path, cli_run
     assert folder_state(tmp_path) == before
     # released: it goes through
     assert cli_runner("apply", p, ck, "--in-place").exit_code == 0
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["plain", "fsync"])
+@pytest.mark.parametrize("point", ["after-journal", "mid-write", "after-write", "after-state"])
+def test_crash_applying_overlapping_patches_in_one_pass(point, fsync, ckpts, tmp_path, cli_runner):
+    """Two patches over the same rows in one apply: the rollback must restore the bytes from before both."""
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpts[("bf16", True)], ck)
+    pa = build_patch(ck, seed=30, rows_per=6).save(tmp_path / "pa.safetensors")
+    done = tmp_path / "done"
+    shutil.copytree(ck, done)
+    ops.apply(pa, done, in_place=True)
+    pb = build_patch(done, seed=30, rows_per=6, scale=0.08).save(tmp_path / "pb.safetensors")  # same rows, on top of pa
+    assert all(np.array_equal(Patch.load(pa).edits[n].rows, Patch.load(pb).edits[n].rows) for n in Patch.load(pa).edits)
+    shutil.rmtree(done)
+    shutil.copytree(ck, done)
+    before = snapshot(ck)
+    extra = ["--fsync"] if fsync else []
+    r = cli_runner("apply", pa, pb, done, "--in-place", *extra)
+    assert r.exit_code == 0, r.output
+    after = snapshot(done)
+    r = run_cli_subprocess(["apply", pa, pb, ck, "--in-place", *extra], {"PATCHKIT_CRASH_AT": point})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    assert cli_runner("status", ck).exit_code == 0
+    assert snapshot(ck) in (before, after)
