@@ -116,6 +116,13 @@ def _local_checkpoint(ref: str, in_place: bool) -> str:
     return str(resolve_model(ref))
 
 
+def _weights(weights: str | None) -> list[float] | None:
+    try:
+        return [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise CommandFailed(f"--weights must be comma-separated numbers, got {weights!r}", 2) from None
+
+
 # ---- apply / revert ---------------------------------------------------------------------------------
 def _write_options(f):
     f = click.option("--fsync", is_flag=True,
@@ -158,15 +165,21 @@ def _report_write(verb):
 @click.argument("checkpoint", type=click.Path())
 @_write_options
 @click.option("--link", is_flag=True, help="With -o: hard-link untouched shards instead of copying them.")
+@click.option("--on-overlap", type=click.Choice(["sum", "error", "last"]),
+              help="Merge several patches first (as `patchkit merge`) instead of applying them one after another.")
+@click.option("--weights", help="With --on-overlap: comma-separated factors, one per patch.")
 @json_option
-def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsync, link, as_json):
+def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsync, link, on_overlap, weights, as_json):
     """Bake PATCHES (in order, in one pass) into CHECKPOINT."""
     from . import ops
 
     _check_target(output, in_place)
+    if weights and not on_overlap:
+        raise CommandFailed("--weights goes with --on-overlap", 2)
+    ws = _weights(weights)
     checkpoint = _local_checkpoint(checkpoint, in_place)
     r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run,
-                  fsync=fsync)
+                  fsync=fsync, on_overlap=on_overlap, weights=ws)
     _emit(as_json, r, _report_write("apply"))
 
 
@@ -233,6 +246,79 @@ def diff(base, edited, output, max_changed, full, overwrite, description, as_jso
     r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"]}
     _emit(as_json, r, lambda r: click.echo(
         f"wrote {r['output']}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])}"))
+
+
+# ---- merge / export -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("patches", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the merged patch.")
+@click.option("--weights", help="Comma-separated factors, one per patch (default: all 1).")
+@click.option("--on-overlap", type=click.Choice(["sum", "error", "last"]), default="sum", show_default=True,
+              help="Rows edited by several patches: add the weighted deltas, refuse, or keep the last patch's edit.")
+@click.option("--base", "base", type=click.Path(), help="The checkpoint the patches were made for: checks them exactly; "
+              "needed when they edit different rows of one tensor.")
+@click.option("--allow-different-base", is_flag=True, help="Merge patches whose fingerprints differ (recorded in provenance).")
+@click.option("--description", help="A line of text stored in the patch.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@json_option
+def merge(patches, output, weights, on_overlap, base, allow_different_base, description, overwrite, as_json):
+    """Combine PATCHES made for one base into one patch (parents before their children)."""
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .merge import merge as run_merge
+
+    ws = _weights(weights)
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    patch = run_merge(list(patches), output, weights=ws, on_overlap=on_overlap, base=base,
+                      allow_different_base=allow_different_base, description=description)
+    s = patch.summary()
+    r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"],
+         "parts": [p["id"] for p in s["provenance"]["parts"]], "parents": s["parents"],
+         "base_check": s["provenance"]["base_check"], "base_mismatches": s["provenance"].get("base_mismatches", [])}
+
+    def human(r):
+        click.echo(f"wrote {r['output']}: patch {_short(r['id'])} = {' + '.join(_short(p) for p in r['parts'])}, "
+                   f"{r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])}")
+        for t in r["tensors"]:
+            click.echo(f"  {t['name']:<48} {t['rows']:>7} {t['encoding']}")
+        if r["base_mismatches"]:
+            click.echo(f"warning: merged across different bases ({len(r['base_mismatches'])} tensor(s)), recorded in provenance", err=True)
+
+    _emit(as_json, r, human)
+
+
+@cli.command()
+@click.argument("patch")
+@click.option("--to", "fmt", type=click.Choice(["peft"]), required=True, help="Adapter format to write.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="The adapter folder to create.")
+@click.option("--rank", type=click.IntRange(1), help="Truncate dense deltas to this rank (the error is reported).")
+@click.option("--skip-unsupported", is_flag=True, help="Leave out tensors LoRA cannot express, and list them.")
+@click.option("--base-model", help="Base model name for the adapter config (default: the patch's).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@json_option
+def export(patch, fmt, output, rank, skip_unsupported, base_model, overwrite, as_json):
+    """Write PATCH as an adapter another library loads: --to peft makes a LoRA adapter folder."""
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .export import export_peft
+
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    r = export_peft(patch, output, rank=rank, skip_unsupported=skip_unsupported, base_model=base_model, overwrite=overwrite)
+
+    def human(r):
+        click.echo(f"wrote {r['output']}: LoRA for {len(r['modules'])} module(s) of {r['base_model'] or '(unnamed base)'}, "
+                   f"patch {_short(r['patch'])}, " + ("exact" if r["exact"] else f"max abs error {r['max_abs_error']:.3g}"))
+        for m in r["modules"]:
+            err = "exact" if m["exact"] else f"max abs error {m['max_abs_error']:.3g}, relative {m['rel_error']:.3g}"
+            click.echo(f"  {m['module']:<44} rank {m['rank']:<4} {m['encoding']:<9} {err}")
+        for s in r["skipped"]:
+            click.echo(f"skipped {s['tensor']}: {s['reason']}", err=True)
+
+    _emit(as_json, r, human)
 
 
 # ---- probe / compute ----------------------------------------------------------------------------------

@@ -13,16 +13,12 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, STORAGE, to_float
-from .errors import BaseMismatchError, PatchkitError
+from .errors import BaseMismatchError, PatchkitError, TooDenseError
 from .format import Patch, TensorEdit, make_edit, rows_hash
 from .stfile import read_rows
 
 CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_CHANGED = 0.5
-
-
-class TooDenseError(PatchkitError):
-    exit_code = 14
 
 
 def _changed_rows(info_a, info_b) -> np.ndarray:

@@ -82,6 +82,19 @@ class NonFiniteError(PatchkitError):
     exit_code = 13
 
 
+class TooDenseError(PatchkitError):
+    """diff: a tensor changed in more of its rows than the threshold allows."""
+
+    exit_code = 14
+
+
+class MergeError(PatchkitError):
+    """Patches that cannot be merged as asked: rows edited by several of them under
+    `--on-overlap error` (or a replacement under `sum`), or a fingerprint that needs the base."""
+
+    exit_code = 15
+
+
 class HubError(PatchkitError):
     """The Hub could not be reached or refused the request."""
 

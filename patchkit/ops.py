@@ -398,13 +398,21 @@ def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, 
 
 
 def apply(patches, checkpoint, output=None, *, in_place=False, force=False, link=False, overwrite=False, dry_run=False,
-          fsync=False) -> dict:
+          fsync=False, on_overlap: str | None = None, weights=None) -> dict:
     """Apply one or more patches, in order, in one pass. Returns the plan's summary plus `applied`.
 
     `fsync` forces every in-place step to disk in order (safe against power loss, slower); without
-    it an in-place write is still safe against the process being killed at any moment."""
+    it an in-place write is still safe against the process being killed at any moment.
+    With `on_overlap` (sum, error or last) several patches are first merged into one patch against
+    this checkpoint by `patchkit.merge.merge_patches`, under the same rules as `patchkit merge`; the
+    checkpoint then records that merged patch (revert it as one)."""
     if isinstance(patches, (str, Path, Patch)):
         patches = [patches]
+    if on_overlap is not None and len(patches) > 1:
+        from .merge import merge_patches
+
+        patches = [merge_patches([load_patch(p) for p in patches], weights=weights, on_overlap=on_overlap,
+                                 base=Checkpoint(checkpoint), allow_different_base=force)]
     result = _run(plan_apply, patches, checkpoint, output, in_place, force, link, overwrite, dry_run, fsync)
     result["applied"] = result["patches"]
     return result

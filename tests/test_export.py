@@ -1,0 +1,120 @@
+"""export --to peft: LoRA factors, refusals, and a round trip through PEFT against the patched checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_np
+
+from conftest import build_patch, load_tensors
+from patchkit import ops
+from patchkit.errors import MergeError, OutputExistsError, UnsupportedError
+from patchkit.export import export_peft, lora_factors
+from patchkit.format import TensorEdit
+
+LINEAR = ("model.layers.0.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight", "lm_head.weight",
+          "model.layers.1.self_attn.q_proj.weight")
+
+
+def dense_edit(delta, rows) -> TensorEdit:
+    return TensorEdit("m.weight", (48, delta.shape[1]), "BF16", np.asarray(rows, dtype=np.int64), "dense", "0" * 64,
+                      delta=delta.astype(np.float32))
+
+
+def test_factored_is_rank_one_and_exact_dense_at_its_rank():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(16).astype(np.float32)
+    f = TensorEdit("m.weight", (48, 16), "BF16", np.array([3, 7], dtype=np.int64), "factored", "0" * 64,
+                   direction=v, scale=np.array([1.08, -2.0], dtype=np.float32))
+    b, a, rep = lora_factors(f)
+    assert b.shape == (48, 1) and a.shape == (1, 16) and rep["exact"] and rep["rank"] == 1
+    assert np.array_equal((b @ a)[[3, 7]], f.deltas()) and not np.delete(b, [3, 7], axis=0).any()
+    full = dense_edit(rng.standard_normal((4, 16)) * 0.05, [0, 5, 6, 40])
+    b, a, rep = lora_factors(full)
+    assert rep["rank"] == 4 and rep["method"] == "rows" and rep["exact"]
+    low = dense_edit(rng.standard_normal((5, 2)) @ rng.standard_normal((2, 16)), [1, 2, 3, 4, 5])
+    b, a, rep = lora_factors(low)
+    assert rep["rank"] == 2 and rep["method"] == "svd" and rep["rel_error"] < 1e-6
+    b, a, rep = lora_factors(low, rank=1)
+    assert rep["rank"] == 1 and a.shape == (1, 16) and rep["rel_error"] > 1e-3 and not rep["exact"]
+
+
+def test_unsupported_tensors_are_named_or_skipped_with_a_list(ckpts, tmp_path):
+    base = ckpts[("bf16", False)]
+    norm, emb = "model.layers.1.input_layernorm.weight", "model.embed_tokens.weight"
+    p = build_patch(base, tensors=(LINEAR[0], norm, emb, LINEAR[1]), kinds=("dense", "factored", "dense", "replace"))
+    with pytest.raises(UnsupportedError, match=rf"cannot export tensor {emb} as LoRA: it is an embedding.*and 2 more: {norm}, {LINEAR[1]}\); pass --skip-unsupported") as ei:
+        export_peft(p, tmp_path / "a")
+    assert sorted(ei.value.tensors) == sorted([LINEAR[1], norm, emb]) and not (tmp_path / "a").exists()
+    r = export_peft(p, tmp_path / "a", skip_unsupported=True)
+    assert {s["tensor"]: s["reason"] for s in r["skipped"]} == {
+        LINEAR[1]: "its rows are replaced whole (no delta)", norm: "it is 1-d; LoRA adapts 2-d Linear weights",
+        emb: "it is an embedding, not a Linear layer"}
+    assert [m["module"] for m in r["modules"]] == ["model.layers.0.mlp.gate_proj"]
+    with pytest.raises(OutputExistsError):
+        export_peft(p, tmp_path / "a", skip_unsupported=True)
+
+
+def test_peft_round_trip_matches_the_patched_checkpoint(ckpts, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = ckpts[("bf16", False)]
+    patch = build_patch(base, seed=5, tensors=LINEAR, rows_per=6, scale=0.2)
+    assert {e.encoding for e in patch.edits.values()} == {"dense", "factored"}
+    ops.apply([patch], base, tmp_path / "patched")
+    r = export_peft(patch, tmp_path / "lora")
+    assert r["exact"] and r["base_model"] == "tiny-llama"
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == cfg["r"] == 1
+    assert sorted(cfg["target_modules"]) == sorted(n[: -len(".weight")] for n in LINEAR)
+    assert all(cfg["alpha_pattern"][k] == v for k, v in cfg["rank_pattern"].items())
+    w = load_np(tmp_path / "lora" / "adapter_model.safetensors")
+    assert w["base_model.model.lm_head.lora_A.weight"].shape[1] == 32
+    assert w["base_model.model.lm_head.lora_B.weight"].shape[0] == 128
+
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        patched = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", dtype=torch.bfloat16).eval()
+        want = patched(ids).logits.float()
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+        unpatched = plain(ids).logits.float()
+        model = peft.PeftModel.from_pretrained(plain, tmp_path / "lora").eval()
+        got = model(ids).logits.float()
+        merged = model.merge_and_unload()
+    edited = (want - unpatched).abs().max().item()
+    diff = (got - want).abs().max().item()
+    sd, ref = merged.state_dict(), load_tensors(tmp_path / "patched")
+    differing = {n: int((sd[n] != ref[n]).sum()) for n in patch.edits}
+    with capsys.disabled():
+        print(f"\n[peft round trip, bf16] max |logit diff| {diff:.4g} (the patch moves logits by up to {edited:.3g}; "
+              f"max |logit| {want.abs().max().item():.3g}); merge_and_unload weights differing from the patched "
+              f"checkpoint: {differing}")
+    assert not any(differing.values())  # PEFT's merge rounds W + B @ A once, like apply (peft 0.21)
+    assert edited > 0.05  # the edit is visible, so the comparison means something
+    scale = want.abs().max().item()
+    assert diff <= 2**-6 * scale  # a few bf16 roundings of the logits
+
+
+def test_cli_merge_and_export(ckpts, tmp_path, cli_runner):
+    from patchkit.cli import cli
+
+    if "merge" not in cli.commands or "export" not in cli.commands:
+        pytest.skip("the merge and export commands are not in patchkit.cli yet")
+    base = ckpts[("bf16", False)]
+    a = build_patch(base, seed=1, tensors=LINEAR[:1]).save(tmp_path / "a.safetensors")
+    b = build_patch(base, seed=2, tensors=LINEAR[:2], kinds=("factored", "dense")).save(tmp_path / "b.safetensors")
+    r = cli_runner("merge", a, b, "-o", tmp_path / "m.safetensors")
+    assert r.exit_code == MergeError.exit_code and "--base CHECKPOINT" in r.output
+    r = cli_runner("merge", a, b, "-o", tmp_path / "m.safetensors", "--base", base, "--weights", "1,0.5", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["base_check"] == "checkpoint" and len(out["parts"]) == 2
+    r = cli_runner("merge", a, b, "-o", tmp_path / "m.safetensors", "--base", base)
+    assert r.exit_code == 7
+    r = cli_runner("export", tmp_path / "m.safetensors", "--to", "peft", "-o", tmp_path / "lora", "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "lora" / "adapter_config.json").exists() and (tmp_path / "lora" / "adapter_model.safetensors").exists()
