@@ -321,6 +321,71 @@ def export(patch, fmt, output, rank, skip_unsupported, base_model, overwrite, as
     _emit(as_json, r, human)
 
 
+# ---- eval ---------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("model")
+@click.option("--patch", "patches", multiple=True, type=click.Path(), help="A patch to evaluate (repeat for several).")
+@click.option("--prompts", default="builtin:toxic-prompts", show_default=True, help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME.")
+@click.option("--benign", default="builtin:benign-requests", show_default=True, help="Text for perplexity and KL: FILE or builtin:NAME.")
+@click.option("--judge", "judges", multiple=True, help="lexical, refusal, probe:PATH or classifier:PATH_OR_HUB_ID (repeat; default lexical).")
+@click.option("--judge-label", help="The classifier label that counts (name or index).")
+@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split) to measure the judges' accuracy.")
+@click.option("--force-judge", is_flag=True, help="Allow a probe judge that is the probe the patch was made with.")
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Use N prompts, evenly spread over the set.")
+@click.option("--benign-limit", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--controls", is_flag=True, help="Also run random-rows and random-direction controls of each patch.")
+@click.option("--qa", type=click.Path(exists=True, dir_okay=False), help="JSONL of question/answer pairs: exact-match accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write an HTML report (and result.json) here.")
+@click.option("--attach", is_flag=True, help="Write PATCH.eval.safetensors beside each patch, with the numbers stored in it.")
+@click.option("--overwrite", is_flag=True, help="With --attach: replace an existing PATCH.eval.safetensors.")
+@json_option
+def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, force_judge, samples, temperature, max_new_tokens,
+          batch_size, limit, benign_limit, controls, qa, seed, report_dir, attach, overwrite, as_json):
+    """Measure what PATCHes do to MODEL: judged continuations of prompts, perplexity and KL on benign text.
+
+    The base is loaded once; each patch is applied in memory and reverted (checked bit for bit).
+    MODEL is a checkpoint folder, a Hub id, or `embedded`. See docs/eval.md.
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .evaluate import attach_evaluation, eval_output, evaluate
+    from .report import render_table, write_report
+    from .sources import resolve_patch
+
+    paths = [resolve_patch(p) for p in patches]
+    # beside a local patch; in the current folder for a patch fetched from the Hub
+    outs = [eval_output(p if Path(ref).exists() else p.name) for ref, p in zip(patches, paths)]
+    for o in outs if attach else []:
+        if o.exists() and not overwrite:
+            raise OutputExistsError(f"output {o} already exists (use --overwrite to replace it)")
+    r = evaluate(model, paths, prompts=prompts, benign=benign, judges=list(judges) or ["lexical"], samples=samples,
+                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, controls=controls, qa=qa,
+                 seed=seed, limit=limit, benign_limit=benign_limit, judge_label=judge_label, judge_check=judge_check,
+                 force_judge=force_judge, log=None if as_json else (lambda m: click.echo(m, err=True)))
+    out = r.to_dict()
+    if report_dir:
+        out["report"] = str(write_report(r, report_dir))
+    if attach:
+        out["attached"] = [str(attach_evaluation(p, r, output=o, overwrite=overwrite).path) for p, o in zip(paths, outs)]
+
+    def human(d):
+        click.echo(render_table(r))
+        for p in d.get("attached", []):
+            click.echo(f"wrote {p} (the evaluation is part of its content id)")
+        if d.get("report"):
+            click.echo(f"report: {d['report']}")
+
+    _emit(as_json, out, human)
+    if not r.reverted_bit_identical:
+        raise CommandFailed("the model's weights differ from the base after evaluation", 1)
+
+
 # ---- probe / compute ----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("model")

@@ -9,16 +9,14 @@ the edit. See docs/eval.md for what each number means and its limits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
-import string
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,113 +24,27 @@ import torch
 from . import judges as J
 from .errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from .format import Patch, TensorEdit, rows_hash
-from .memory import _TORCH_DTYPE, _raw, _row_view, _tensors, apply_in_memory, revert_in_memory, patched
+from .judges import (  # noqa: F401 (re-exported)
+    exact_match,
+    kl_sum,
+    load_prompts,
+    load_qa,
+    normalize_answer,
+    paired_bootstrap,
+    summarize,
+    token_nll,
+)
+from .memory import (
+    _TORCH_DTYPE,
+    _raw,
+    _row_view,
+    _tensors,
+    apply_in_memory,
+    patched,
+    revert_in_memory,
+)
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-# ---------------------------------------------------------------------------------------- metrics
-def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens), padding excluded."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    return float(nll[valid].double().sum()), int(valid.sum())
-
-
-def kl_sum(base_logits: torch.Tensor, other_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """(sum over real positions of KL(base || other) of the next-token distributions, positions)."""
-    lp = torch.log_softmax(base_logits.float(), dim=-1)
-    lq = torch.log_softmax(other_logits.float(), dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    m = mask.bool()
-    return float(kl[m].double().sum()), int(m.sum())
-
-
-def summarize(scores: Sequence[Sequence[float]], threshold: float) -> dict:
-    """Per prompt a list of sample scores -> mean score, rate >= threshold, and RealToxicityPrompts'
-    expected maximum score and probability of at least one sample >= threshold (over prompts)."""
-    flat = [s for row in scores for s in row]
-    maxes = [max(row) for row in scores]
-    return {
-        "mean": float(np.mean(flat)), "rate": float(np.mean([s >= threshold for s in flat])),
-        "expected_max": float(np.mean(maxes)), "p_any": float(np.mean([m >= threshold for m in maxes])),
-        "n_prompts": len(scores), "n_texts": len(flat),
-    }
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """mean(a - b) over prompts with a percentile confidence interval from resampling prompts (pairs kept)."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1 or d.size == 0:
-        raise DataError("paired bootstrap needs two equally long, non-empty score lists")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "level": level, "n": int(d.size), "boot": n_boot}
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def load_prompts(spec: str, limit: int | None = None, field_names=("prompt", "text")) -> tuple[list[str], dict]:
-    """builtin:NAME, a .jsonl file (field prompt or text), or a text file of one prompt a line.
-    ``limit`` keeps N prompts evenly spread over the set (the built-in sets are ordered by attribute)."""
-    from .data import builtin_prompts
-
-    if spec.startswith("builtin:"):
-        items = builtin_prompts(spec.split(":", 1)[1])
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"prompt file {spec} does not exist")
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if path.suffix.lower() in (".jsonl", ".json"):
-            items = []
-            for i, ln in enumerate(lines, 1):
-                try:
-                    row = json.loads(ln)
-                except json.JSONDecodeError:
-                    raise DataError(f"{spec}:{i}: not valid JSON") from None
-                text = row if isinstance(row, str) else next((row[f] for f in field_names if isinstance(row, dict) and f in row), None)
-                if not isinstance(text, str) or not text.strip():
-                    raise DataError(f"{spec}:{i}: no {' or '.join(field_names)} field with text")
-                items.append(text)
-        else:
-            items = lines
-    if not items:
-        raise DataError(f"{spec}: no prompts")
-    if limit is not None and 0 < limit < len(items):
-        step = len(items) / limit
-        items = [items[int(i * step)] for i in range(limit)]
-    digest = hashlib.sha256("\n".join(items).encode()).hexdigest()
-    return list(items), {"source": spec, "n": len(items), "sha256": digest}
-
-
-def load_qa(path: str | Path) -> list[tuple[str, list[str]]]:
-    """JSONL rows {"question": ..., "answer": "..." or ["...", ...]}."""
-    out = []
-    for i, ln in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-            q, a = row["question"], row["answer"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{i}: need a JSON object with question and answer") from None
-        out.append((str(q), [str(x) for x in (a if isinstance(a, list) else [a])]))
-    if not out:
-        raise DataError(f"{path}: no question/answer rows")
-    return out
-
-
-def normalize_answer(s: str) -> str:
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    """SQuAD-style exact match of the prediction's first non-empty line."""
-    first = next((ln for ln in prediction.splitlines() if ln.strip()), "")
-    return normalize_answer(first) in {normalize_answer(a) for a in answers}
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -200,19 +112,19 @@ def make_controls(model, patch: Patch, seed: int = 0) -> list[tuple[str, Patch]]
         view = _row_view(t)
         n_rows = view.shape[0]
         rows = np.sort(rng.choice(n_rows, size=e.n_rows, replace=False)).astype(np.int64)
-        for out, r, kw in ((rr, rows, dict(direction=e.direction, scale=e.scale, delta=e.delta)), (rd, e.rows, None)):
+        for out, r, kw in ((rr, rows, {"direction": e.direction, "scale": e.scale, "delta": e.delta}), (rd, e.rows, None)):
             if kw is None:
                 if e.encoding == "factored":
                     key = e.direction.tobytes()
                     if key not in cache:
                         g = rng.standard_normal(e.direction.shape)
                         cache[key] = (g * np.linalg.norm(e.direction.astype(np.float64)) / np.linalg.norm(g)).astype(np.float32)
-                    kw = dict(direction=cache[key], scale=e.scale, delta=None)
+                    kw = {"direction": cache[key], "scale": e.scale, "delta": None}
                 else:
                     g = rng.standard_normal(e.delta.shape)
                     g *= np.linalg.norm(e.delta.astype(np.float64), axis=1, keepdims=True) / np.linalg.norm(g, axis=1, keepdims=True)
-                    kw = dict(direction=None, scale=None, delta=g.astype(np.float32))
-            base_raw = _raw(view[torch.from_numpy(r)], e.dtype)
+                    kw = {"direction": None, "scale": None, "delta": g.astype(np.float32)}
+            base_raw = _raw(view[torch.from_numpy(np.array(r))], e.dtype)
             edit = TensorEdit(name, e.shape, e.dtype, r, e.encoding, rows_hash(base_raw), **kw)
             edit.validate()
             edit.result_sha256 = rows_hash(edit.new_rows(base_raw))
@@ -303,8 +215,8 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         raise UnsupportedError(f"patches for dtypes {sorted(dtypes)}: evaluate patches of one float dtype at a time")
     judge_objs = [j if isinstance(j, J.Judge) else J.make_judge(j, label=judge_label, model_fingerprint=fingerprint, force=force_judge)
                   for j in judges]
-    if not judge_objs:
-        raise DataError("give at least one judge")
+    if not judge_objs or len({j.name for j in judge_objs}) != len(judge_objs):
+        raise DataError("give at least one judge, each once")
     for p in loaded:
         for j in judge_objs:
             if J.self_judging(j, p.provenance) and not force_judge:
@@ -330,7 +242,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         if controls:
             for kind, c in make_controls(model, p, seed):
                 conds.append((Condition(f"{p.id[:12]}/{kind}", kind, c.id, p.id, f"{kind} control", c.rows, edit_norm(c)), c))
-    gen_kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, temperature=temperature, seed=seed, chat=use_chat)
+    gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples, "temperature": temperature, "seed": seed, "chat": use_chat}
     for cond, p in conds:
         t0 = time.monotonic()
         with patched(model, *([p] if p is not None else [])):
@@ -345,6 +257,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
 
     # judges: every patch is reverted now, so the model is the base
     judge_info = []
+    check_data = load_data(judge_check, split="heldout") if judge_check else None
     with _judge_view(model, judge_objs):
         for j in judge_objs:
             flat = [t for c, _ in conds for row in c.continuations for t in row]
@@ -353,9 +266,8 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
                 c.scores[j.name] = [[next(scores) for _ in row] for row in c.continuations]
                 c.metrics[j.name] = summarize(c.scores[j.name], j.threshold)
             info = {"name": j.name, "kind": j.kind, "threshold": j.threshold, "info": j.info, "check": None}
-            if judge_check and j.kind != "refusal":
-                data = load_data(judge_check, split="heldout")
-                info["check"] = J.check_judge(j, data.texts, data.labels, model, tok, source=data.source)
+            if check_data is not None and j.kind != "refusal":
+                info["check"] = J.check_judge(j, check_data.texts, check_data.labels, model, tok, source=check_data.source)
             judge_info.append(info)
             say(f"judged with {j.name}")
     if benign_list:
@@ -368,11 +280,11 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         if c.kind != "patch":
             continue
         for j in judge_objs:
-            per = lambda cc: [float(np.mean(r)) for r in cc.scores[j.name]]  # noqa: E731
-            row = {"patch": c.name, "judge": j.name, "vs_base": paired_bootstrap(per(c), per(conds[0][0]), n_boot, seed)}
+            per = {cc.name: [float(np.mean(r)) for r in cc.scores[j.name]] for cc, _ in conds}  # mean over samples
+            row = {"patch": c.name, "judge": j.name, "vs_base": paired_bootstrap(per[c.name], per["base"], n_boot, seed)}
             for cc, _ in conds:
                 if cc.of_patch == c.patch_id:
-                    row[f"vs_{cc.kind}"] = paired_bootstrap(per(c), per(cc), n_boot, seed)
+                    row[f"vs_{cc.kind}"] = paired_bootstrap(per[c.name], per[cc.name], n_boot, seed)
             comparisons.append(row)
     settings = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                 "controls": controls, "seed": seed, "chat": use_chat, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -445,6 +357,12 @@ def evaluation_summary(result: EvalResult, patch_id: str) -> dict:
     }
 
 
+def eval_output(patch_path) -> Path:
+    """Where `attach_evaluation` writes by default: ``<name>.eval.safetensors`` beside the patch."""
+    p = Path(patch_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".eval.safetensors")
+
+
 def attach_evaluation(patch_path, result: EvalResult, patch_id: str | None = None, output=None, overwrite: bool = False) -> Patch:
     """Write a NEW patch file: the patch with ``evaluation`` set to this result's numbers for it.
 
@@ -456,9 +374,9 @@ def attach_evaluation(patch_path, result: EvalResult, patch_id: str | None = Non
     if not patch.id.startswith(pid):
         raise DataError(f"patch {patch_path} has id {patch.id[:12]}, not {pid[:12]}")
     summary = evaluation_summary(result, patch.id)
-    out = Path(output) if output else Path(patch_path).with_name(Path(patch_path).name.removesuffix(".safetensors") + ".eval.safetensors")
+    out = Path(output) if output else eval_output(patch_path)
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists (use overwrite to replace it)")
+        raise OutputExistsError(f"output {out} already exists (use --overwrite to replace it)")
     patch.evaluation = json.loads(json.dumps(summary, default=float))
     patch.save(out)
     return patch
