@@ -325,3 +325,28 @@ def test_probe_judge_of_another_model_refused(tiny):
         J.make_judge(f"probe:{tiny['probe1']}", model_fingerprint="0" * 64)
     with pytest.raises(DataError, match="unknown judge"):
         J.make_judge("vibes")
+
+
+def test_cli_eval_json_report_and_attach(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from patchkit.cli import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    benign = tmp_path / "benign.txt"
+    benign.write_text("\n".join(BENIGN) + "\n")
+    patch = tmp_path / "p.safetensors"
+    patch.write_bytes(tiny["patch"].read_bytes())
+    args = ["eval", str(tiny["ckpt"]), "--patch", str(patch), "--prompts", str(prompts), "--benign", str(benign),
+            "--judge", f"probe:{tiny['probe1']}", "--max-new-tokens", "4", "--batch-size", "3"]
+    r = CliRunner().invoke(cli, [*args, "--json", "--report", str(tmp_path / "rep"), "--attach"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert (tmp_path / "rep" / "index.html").exists() and data["report"]
+    attached = Patch.load(data["attached"][0])
+    assert attached.evaluation is not None and attached.edits.keys() == Patch.load(patch).edits.keys()
+    again = CliRunner().invoke(cli, [*args, "--attach"])
+    assert again.exit_code != 0 and "already exists" in again.output and "Traceback" not in again.output
+    bad = CliRunner().invoke(cli, ["eval", str(tiny["ckpt"]), "--patch", str(tmp_path / "missing.safetensors")])
+    assert bad.exit_code != 0 and "does not exist" in bad.output
