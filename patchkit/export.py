@@ -20,17 +20,16 @@ No torch: numpy only.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import OutputExistsError, PatchkitError, UnsupportedError
 from .format import Patch, TensorEdit
-from .stfile import serialize, umask
+from .fsutil import publish_folder, temp_folder_for
+from .stfile import serialize
 
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)\.weight$")
 _F32_EPS = float(np.finfo(np.float32).eps)
@@ -141,18 +140,11 @@ def export_peft(patch, output, *, rank: int | None = None, skip_unsupported: boo
         "inference_mode": True,
     }
     meta = {"format": "pt", "patchkit_patch": patch.id}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-tmp", dir=output.parent))
+    tmp = temp_folder_for(output)
     try:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "adapter_model.safetensors").write_bytes(serialize(arrays, meta))
-        os.chmod(tmp, 0o777 & ~umask())
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-old", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        publish_folder(tmp, output)
         tmp = None
     finally:
         if tmp is not None:

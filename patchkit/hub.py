@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from .errors import CheckpointError, HubError, PatchFormatError
 from .format import FORMAT_NAME, Patch
+from .fsutil import sha256_file
 
 # Files of a model repo that are always fetched with its weights: config, tokenizer, generation, chat template.
 MODEL_METADATA_PATTERNS = [
@@ -441,14 +442,6 @@ def _git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_push(repo_id: str, token) -> None:
     _check_repo_id(repo_id, repo_id)
     if offline():
@@ -571,7 +564,7 @@ def push_checkpoint(checkpoint, repo_id: str, patches=(), revision: str | None =
             same = False
             if rf is not None and rf.size == path.stat().st_size:
                 if rf.lfs is not None:
-                    same = rf.lfs.sha256 == _sha256_file(path)
+                    same = rf.lfs.sha256 == sha256_file(path)
                 else:
                     same = rf.blob_id == _git_sha1(path.read_bytes())
             if same:

@@ -22,7 +22,8 @@ from .errors import (
     BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError,
 )
 from .format import Patch, rows_hash
-from .stfile import row_runs, umask, write_rows
+from .fsutil import publish_folder, temp_folder_for
+from .stfile import row_runs, write_rows
 
 PatchLike = "Patch | str | Path"
 
@@ -332,7 +333,7 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
     ck = plan.overlay.ckpt
     touched = {ck.info(n).file for n in plan.overlay.rows}
     weight_files = {ck.path / f for f in ck.files}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-tmp", dir=output.parent))
+    tmp = temp_folder_for(output)
     try:
         for root, dirs, files in os.walk(ck.path):
             rootp = Path(root)
@@ -359,14 +360,7 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
             st.write_undo(tmp, pid, originals)
         st.save_state(tmp, plan.state_after)
         st.collect_garbage(tmp)
-        os.chmod(tmp, 0o777 & ~umask())
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".patchkit-old", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        publish_folder(tmp, output)
         tmp = None
     finally:
         if tmp is not None:

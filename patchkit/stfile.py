@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from .dtypes import STORAGE, itemsize
+from .fsutil import umask
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -211,9 +212,3 @@ def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes], fsync: bool = 
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
