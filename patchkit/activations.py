@@ -63,13 +63,50 @@ class _Stop(Exception):
     """Raised by a hook to end the forward pass once the wanted layer has run."""
 
 
+def _attr(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def _families(model: nn.Module) -> list[Any]:
+    """The architecture table's entry for the model's config.model_type, else every entry in order."""
+    from .targets import FAMILIES, family_named
+
+    fam = family_named(getattr(getattr(model, "config", None), "model_type", None))
+    return [fam] if fam is not None else list(FAMILIES)
+
+
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
-    """(base model, decoder layers, final norm) of a Llama-style model or its ``*ForCausalLM``."""
+    """(base model, decoder layers, final norm) of a decoder-only model or its ``*ForCausalLM``,
+    found through the paths of the architecture table (`patchkit.targets`)."""
     base = getattr(model, "base_model", model)
-    layers, norm = getattr(base, "layers", None), getattr(base, "norm", None)
-    if not isinstance(layers, nn.ModuleList) or norm is None:
-        raise UnsupportedError(f"{type(model).__name__}: no .layers/.norm decoder found; use a Llama-style model")
-    return base, layers, norm
+    for fam in _families(model):
+        for layers_path in fam.layers:
+            layers = _attr(base, layers_path)
+            if not isinstance(layers, nn.ModuleList):
+                continue
+            for norm_path in fam.norm:
+                norm = _attr(base, norm_path)
+                if isinstance(norm, nn.Module):
+                    return base, layers, norm
+    raise UnsupportedError(
+        f"{type(model).__name__}: no decoder layers and final norm found; use an architecture of docs/architectures.md"
+    )
+
+
+def gate_input_modules(model: nn.Module) -> list[nn.Module]:
+    """Per decoder layer, the module whose input is what the edited gate reads (the MLP, the MoE
+    block, or OPT's ``fc1``), from the architecture table."""
+    _base, layers, _norm = decoder_parts(model)
+    for fam in _families(model):
+        for path in fam.gate_input:
+            mods = [_attr(layer, path) for layer in layers]
+            if all(isinstance(m, nn.Module) for m in mods):
+                return mods
+    raise UnsupportedError(f"{type(model).__name__}: no MLP module found in its decoder layers; use an architecture of docs/architectures.md")
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
@@ -190,11 +227,13 @@ def extract_gate_inputs(
     padding_side: str = "right",
 ) -> dict[int, torch.Tensor]:
     """Per decoder layer, the pooled input of its MLP (the post-attention-norm output, exactly what
-    ``mlp.gate_proj`` reads): ``{layer index: [len(texts), hidden] float32}``. ``layers`` defaults
-    to all; the pass stops after the highest one asked for."""
+    ``mlp.gate_proj`` reads; the MoE block's input for MoE models, OPT's ``fc1`` input: see
+    :func:`gate_input_modules`): ``{layer index: [len(texts), hidden] float32}``. ``layers``
+    defaults to all; the pass stops after the highest one asked for."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}")
     base, all_layers, _norm = decoder_parts(model)
+    gates = gate_input_modules(model)
     wanted = sorted(set(range(len(all_layers)) if layers is None else layers))
     if not wanted or wanted[0] < 0 or wanted[-1] >= len(all_layers):
         raise UnsupportedError(f"layers {list(layers or [])} out of range; use 0..{len(all_layers) - 1}")
@@ -205,15 +244,18 @@ def extract_gate_inputs(
     def make_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
+            mask = batch_mask[0]
+            if x.ndim == 2:  # tokens flattened (OPT's fc1): back to [batch, seq, hidden]
+                x = x.reshape(mask.shape[0], mask.shape[1], -1)
             out.setdefault(index, torch.empty((len(texts), x.shape[-1]), dtype=torch.float32))
-            pooled[index] = _pool(x, batch_mask[0], pool).cpu()
+            pooled[index] = _pool(x, mask, pool).cpu()
             if index == wanted[-1]:
                 raise _Stop
 
         return hook
 
     pooled: dict[int, torch.Tensor] = {}
-    regs = [(all_layers[i].mlp, "pre", make_hook(i)) for i in wanted]
+    regs = [(gates[i], "pre", make_hook(i)) for i in wanted]
     with torch.no_grad(), _eval_mode(model), hooked(regs), _progress(len(texts), progress, "gate inputs") as bar:
         for chunk, inputs in _batches(tokenizer, texts, batch_size, max_length, padding_side):
             inputs = {k: v.to(device) for k, v in inputs.items()}

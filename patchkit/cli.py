@@ -451,7 +451,10 @@ def probe(model, data, output, text_field, label_field, behavior, layer, pool, l
 @click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
 @json_option
 def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, target, axis, any_probe, description, overwrite, as_json):
-    """Select gate_proj rows with a probe and write the edit as a patch (reads only the target tensors)."""
+    """Select the MLP gate neurons most anti-aligned with a probe and write the edit as a patch.
+
+    Reads only the target tensors (gate_proj and its equivalents, see docs/architectures.md).
+    """
     from pathlib import Path
 
     from .compute import compute_patch

@@ -4,6 +4,10 @@ Each target tensor is read, scored against the probe direction and dropped befor
 (`patchkit.select` keeps a running top-K), so memory holds one tensor at a time. The edit of the
 chosen rows is `alpha * direction`, stored in the factored encoding: one direction and one scale
 per tensor, whatever K is.
+
+What a "row" is comes from `patchkit.targets`: only the gate part of a fused tensor is scored
+(Phi-3's `gate_up_proj`, fused MoE experts), and for axis-1 targets (GPT-2's transposed Conv1D) a
+neuron is a column, written as a rank-one edit of every row (see `_edit`).
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import numpy as np
 
 from . import state as st
 from .checkpoint import Checkpoint
-from .dtypes import to_float
-from .errors import ProbeError
+from .dtypes import STORAGE, compute_dtype, from_float, to_float
+from .errors import ProbeError, UnsupportedError
 from .format import Patch, TensorEdit, rows_hash
 from .probefile import ProbeArrays, read_probe
-from .select import PAPER_FRACTION, RunningTopK, Strategy, edit_directions, paper_k, random_rows, score_rows
+from .select import (
+    PAPER_FRACTION,
+    RunningTopK,
+    Strategy,
+    edit_directions,
+    paper_k,
+    random_rows,
+    score_rows,
+)
 from .stfile import read_rows
-from .targets import resolve_targets
+from .targets import Layout, resolve_targets
 
 PAPER_ALPHA = 1.08
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -84,7 +96,8 @@ def compute_patch(
     strategy = Strategy(strategy)
     targets = resolve_targets(ck, target, axis)
     infos = [ck.info(n) for n in targets.names]
-    hidden = infos[0].shape[1]
+    layouts = list(targets.layouts)
+    hidden = layouts[0].inputs
     if probe.direction.size != hidden:
         raise ProbeError(
             f"the probe reads {probe.direction.size} features but the model's {targets.family} targets have {hidden} inputs: "
@@ -104,7 +117,7 @@ def compute_patch(
         directions = {n: dirs[layer] for n, layer in zip(targets.names, targets.layers)}
     else:
         directions = probe.direction.astype(np.float32)
-    total = sum(i.n_rows for i in infos)
+    total = sum(lay.neurons for lay in layouts)  # gate neurons: rows, or columns for axis 1
     if top_k is not None and fraction is not None:
         raise ProbeError("give --top-k or --fraction, not both")
     k = top_k if top_k is not None else paper_k(total, fraction if fraction is not None else PAPER_FRACTION)
@@ -112,33 +125,22 @@ def compute_patch(
         raise ProbeError(f"--top-k {k} is more than the {total} target rows; lower it")
     names = list(targets.names)
     if strategy is Strategy.RANDOM_ROWS:
-        tensor_idx, rows = random_rows([i.n_rows for i in infos], k, seed)
-        selected = {names[t]: np.sort(rows[tensor_idx == t]) for t in np.unique(tensor_idx)}
+        tensor_idx, picked = random_rows([lay.neurons for lay in layouts], k, seed)
+        selected = {names[t]: np.sort(picked[tensor_idx == t]) for t in np.unique(tensor_idx)}
     else:
         top = RunningTopK(k)
-        for t, info in enumerate(infos):
+        for t, (info, lay) in enumerate(zip(infos, layouts)):
             d = directions[info.name] if isinstance(directions, dict) else directions
-            step = max(1, CHUNK_BYTES // max(1, info.row_bytes))
-            with open(info.file, "rb") as f:
-                for start in range(0, info.n_rows, step):
-                    rows = np.arange(start, min(start + step, info.n_rows), dtype=np.int64)
-                    values = to_float(read_rows(info, rows, f), info.dtype)
-                    top.add(t, score_rows(values, d), row_offset=start)
-        selected = top.grouped(names)
+            for offset, values in _neuron_chunks(info, lay):
+                top.add(t, score_rows(values, d), row_offset=offset)
+        selected = top.grouped(names)  # neuron indices
     vectors = edit_directions(list(selected), directions, strategy, seed)
-    scale = np.array([alpha], dtype=np.float32)
     edits = {}
-    for name, rows in selected.items():
-        info = ck.info(name)
-        rows = rows.astype(np.int64)
-        base_raw = ck.read_rows(name, rows)
-        direction = np.ascontiguousarray(vectors[name], dtype=np.float32)
-        edit = TensorEdit(name, tuple(info.shape), info.dtype, rows, "factored", rows_hash(base_raw), direction=direction, scale=scale)
-        edit.validate()
-        edit.result_sha256 = rows_hash(edit.new_rows(base_raw))
-        edits[name] = edit
+    for name, neurons in selected.items():
+        lay = layouts[names.index(name)]
+        edits[name] = _edit(ck.info(name), lay, neurons.astype(np.int64), vectors[name], alpha)
     applied = [r.id for r in st.load_state(ck.path).applied]
-    row_norms = _mean_row_norm(ck, selected)
+    row_norms = _mean_row_norm(ck, selected, dict(zip(names, layouts)))
     dnorm = float(np.linalg.norm(next(iter(vectors.values())))) if vectors else 0.0
     return Patch(
         edits=edits,
@@ -152,18 +154,92 @@ def compute_patch(
                 "alpha": float(alpha), "k": int(k), "fraction": k / total, "total_rows": int(total),
                 "strategy": strategy.value, "seed": int(seed), "targets": targets.family,
                 "edit_norm_ratio": abs(float(alpha)) * dnorm / row_norms if row_norms else None,
+                **({"axis": 1, "columns": int(k)} if targets.axis == 1 else {}),
             },
             "probe": _probe_summary(probe),
         },
     )
 
 
-def _mean_row_norm(ck: Checkpoint, selected: dict) -> float:
-    """Mean L2 norm of the edited rows before the edit, to report ||alpha v|| relative to it."""
+def _neuron_chunks(info, lay: Layout):
+    """(first neuron index, [n, inputs] float values) over the gate neurons of one target, in order.
+
+    Axis 0: rows read in chunks, block by block (only the gate part of a fused tensor). Axis 1: the
+    tensor is read whole (one tensor in memory, as for the other targets' chunks) and its gate
+    columns are yielded in chunks, transposed.
+    """
+    step = max(1, CHUNK_BYTES // max(1, info.row_bytes))
+    with open(info.file, "rb") as f:
+        if lay.axis == 0:
+            for b in range(lay.blocks):
+                lo, hi = lay.block_range(b)
+                for start in range(lo, hi, step):
+                    rows = np.arange(start, min(start + step, hi), dtype=np.int64)
+                    yield b * lay.width + start - lo, to_float(read_rows(info, rows, f), info.dtype)
+            return
+        whole = to_float(read_rows(info, np.arange(info.n_rows, dtype=np.int64), f), info.dtype)
+    lo, hi = lay.block_range(0)
+    cstep = max(1, CHUNK_BYTES // max(1, 4 * lay.inputs))
+    for start in range(lo, hi, cstep):
+        yield start - lo, np.ascontiguousarray(whole[:, start : min(start + cstep, hi)].T)
+
+
+def _edit(info, lay: Layout, neurons: np.ndarray, vector, alpha: float) -> TensorEdit:
+    """The factored edit adding alpha * vector to the input weights of `neurons` (sorted)."""
+    direction = np.ascontiguousarray(vector, dtype=np.float32)
+    scale = np.array([alpha], dtype=np.float32)
+    if lay.axis == 0:
+        rows = lay.index_of(neurons).astype(np.int64)
+        base_raw = read_rows(info, rows)
+        edit = TensorEdit(info.name, tuple(info.shape), info.dtype, rows, "factored", rows_hash(base_raw), direction=direction, scale=scale)
+        edit.validate()
+        edit.result_sha256 = rows_hash(edit.new_rows(base_raw))
+        return edit
+    # Axis 1: format v1 edits rows, so column j += s * v is every row i changing by (s * v[i]) at the
+    # chosen columns: a rank-one delta, stored factored with direction = indicator of the columns and
+    # scale[i] = float32(alpha) * v[i] (the same float32 products as the row edit). Every row is touched.
+    cols = lay.index_of(neurons).astype(np.int64)
+    rows = np.arange(info.n_rows, dtype=np.int64)
+    base_raw = read_rows(info, rows)
+    row_scale = (scale * direction).astype(np.float32)
+    indicator = np.zeros(lay.shape[1], dtype=np.float32)
+    indicator[cols] = 1.0
+    expected = _column_edit(base_raw, info.dtype, cols, row_scale)
+    edit = TensorEdit(info.name, tuple(info.shape), info.dtype, rows, "factored", rows_hash(base_raw), direction=indicator, scale=row_scale)
+    edit.validate()
+    new = edit.new_rows(base_raw)
+    if not np.array_equal(new, expected):
+        # -0.0 + 0.0 is +0.0: rows with a -0.0 weight outside the chosen columns would change bits.
+        # A dense delta of -0.0 there leaves every other weight as it is (x + -0.0 == x, bit for bit).
+        delta = np.full((info.n_rows, lay.shape[1]), -0.0, dtype=np.float32)
+        delta[:, cols] = row_scale[:, None] * indicator[None, cols]
+        edit = TensorEdit(info.name, tuple(info.shape), info.dtype, rows, "dense", rows_hash(base_raw), delta=delta)
+        edit.validate()
+        new = edit.new_rows(base_raw)
+        if not np.array_equal(new, expected):
+            raise UnsupportedError(f"tensor {info.name}: the column edit cannot be written exactly as row edits; edit its rows with --axis 0")
+    edit.result_sha256 = rows_hash(new)
+    return edit
+
+
+def _column_edit(base_raw: np.ndarray, dtype: str, cols: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """Raw bytes of the tensor with only `cols` changed: w[:, j] = round(w[:, j] + row_scale)."""
+    elems = base_raw.view(STORAGE[dtype]).copy()
+    sub = to_float(elems[:, cols], dtype) + row_scale[:, None].astype(compute_dtype(dtype))
+    elems[:, cols] = from_float(sub, dtype)
+    return elems.view(np.uint8).reshape(base_raw.shape)
+
+
+def _mean_row_norm(ck: Checkpoint, selected: dict, layouts: dict) -> float:
+    """Mean L2 norm of the edited neurons' input weights before the edit, to report ||alpha v|| relative to it."""
     total, count = 0.0, 0
-    for name, rows_t in selected.items():
-        info = ck.info(name)
-        vals = to_float(ck.read_rows(name, np.asarray(rows_t, dtype=np.int64)), info.dtype).astype(np.float64)
+    for name, neurons in selected.items():
+        info, lay = ck.info(name), layouts[name]
+        idx = lay.index_of(np.asarray(neurons, dtype=np.int64))
+        if lay.axis == 0:
+            vals = to_float(ck.read_rows(name, idx), info.dtype).astype(np.float64)
+        else:
+            vals = to_float(ck.read_rows(name, np.arange(info.n_rows, dtype=np.int64)), info.dtype)[:, idx].T.astype(np.float64)
         total += float(np.linalg.norm(vals, axis=1).sum())
         count += vals.shape[0]
     return total / count if count else 0.0
