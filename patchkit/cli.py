@@ -148,6 +148,9 @@ def _report_write(verb):
             return
         done = {"apply": "applied", "revert": "reverted"}[verb]
         click.echo(f"{done} {what}: {r['rows']} rows in {len(r['tensors'])} tensor(s) -> {r['output']}")
+        if r.get("push"):
+            p = r["push"]
+            click.echo(f"pushed to {p['repo']}@{p['revision']}: {len(p['uploaded'])} file(s) uploaded, commit {p['commit'][:12]}")
         if r["forced"]:
             click.echo(f"warning: forced onto a different base: {', '.join(_short(p) for p in r['forced'])}", err=True)
         if not r.get("exact", True):
@@ -168,8 +171,10 @@ def _report_write(verb):
 @click.option("--on-overlap", type=click.Choice(["sum", "error", "last"]),
               help="Merge several patches first (as `patchkit merge`) instead of applying them one after another.")
 @click.option("--weights", help="With --on-overlap: comma-separated factors, one per patch.")
+@click.option("--push", "push_repo", metavar="REPO_ID",
+              help="Then publish the patched checkpoint to this Hub model repo (only files the repo lacks are uploaded).")
 @json_option
-def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsync, link, on_overlap, weights, as_json):
+def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsync, link, on_overlap, weights, push_repo, as_json):
     """Bake PATCHES (in order, in one pass) into CHECKPOINT."""
     from . import ops
 
@@ -177,9 +182,20 @@ def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsyn
     if weights and not on_overlap:
         raise CommandFailed("--weights goes with --on-overlap", 2)
     ws = _weights(weights)
+    base_ref = checkpoint
     checkpoint = _local_checkpoint(checkpoint, in_place)
     r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run,
                   fsync=fsync, on_overlap=on_overlap, weights=ws)
+    if push_repo and not dry_run:
+        from pathlib import Path
+
+        from .hub import push_checkpoint
+        from .sources import HUB_ID, resolve_patch
+
+        remote = not Path(base_ref).exists() and HUB_ID.match(base_ref)
+        r["push"] = push_checkpoint(r["output"], push_repo, patches=[resolve_patch(p) for p in patches],
+                                    base_model=base_ref.split("@")[0] if remote else None,
+                                    base_revision=Path(checkpoint).name if remote else None)
     _emit(as_json, r, _report_write("apply"))
 
 

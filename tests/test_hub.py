@@ -433,3 +433,77 @@ def test_cli_inspect_hf_ref_and_error_exit_code(hub, tmp_path, pushed):
     r = CliRunner().invoke(cli, ["inspect", "hf://me/missing"])
     assert r.exit_code == HubError.exit_code
     assert "error: repository me/missing not found (or you have no access: set HF_TOKEN)" in r.output
+
+
+# ---- the command line, end to end --------------------------------------------------------------------------
+def test_cli_push_then_apply_from_hub_and_push_release(hub, tmp_path):
+    """push a patch; inspect and apply it by hf:// reference; publish the patched checkpoint with --push."""
+    import helpers
+    import torch
+    from click.testing import CliRunner
+
+    from patchkit.checkpoint import Checkpoint
+    from patchkit.cli import cli
+    from patchkit.format import Patch, make_edit
+
+    base = helpers.tiny_llama(tmp_path / "base", torch.bfloat16, sharded=True)
+    ck = Checkpoint(base)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    info = ck.info(name)
+    rows = np.array([2, 5, 9], dtype=np.int64)
+    delta = np.full((3, info.n_cols), 0.25, dtype=np.float32)
+    Patch(edits={name: make_edit(name, info.shape, info.dtype, rows, ck.read_rows(name, rows), delta=delta)},
+          base_model="org/tiny").save(tmp_path / "fix.safetensors")
+    run = CliRunner()
+    r = run.invoke(cli, ["push", str(tmp_path / "fix.safetensors"), "me/fix", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["repo"] == "me/fix"
+    r = run.invoke(cli, ["inspect", "hf://me/fix", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"] == 3
+    # the base is already on the Hub: the release upload sends only the touched shard and the card
+    H.push_checkpoint(base, "me/release")
+    r = run.invoke(cli, ["apply", "hf://me/fix", str(base), "-o", str(tmp_path / "out"), "--push", "me/release", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    touched = str(ck.info(name).file.name)
+    assert sorted(out["push"]["uploaded"]) == sorted([touched, "README.md"])
+    assert hub.files("me/release")[touched] == (tmp_path / "out" / touched).read_bytes()
+    r = run.invoke(cli, ["revert", "hf://me/fix", str(tmp_path / "out"), "--in-place"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(cli, ["apply", "hf://me/missing", str(base), "-o", str(tmp_path / "o2")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "o2").exists()
+
+
+def test_cli_hub_model_ids_for_apply_and_compute(hub, tmp_path):
+    import helpers
+    import torch
+    from click.testing import CliRunner
+
+    from patchkit.checkpoint import Checkpoint
+    from patchkit.cli import cli
+    from patchkit.probefile import ProbeArrays, write_probe
+
+    base = helpers.tiny_llama(tmp_path / "base", torch.bfloat16, sharded=True)
+    H.push_checkpoint(base, "me/tinybase")
+    ck = Checkpoint(base)
+    rng = np.random.default_rng(0)
+    probe = ProbeArrays(rng.standard_normal((2, 32)).astype(np.float32), np.zeros(2, np.float32),
+                        {"behavior_index": 1, "label_names": ["ok", "bad"], "model_fingerprint": ck.fingerprint()})
+    write_probe(tmp_path / "p.safetensors", probe)
+    run = CliRunner()
+    r = run.invoke(cli, ["compute", "me/tinybase", "--probe", str(tmp_path / "p.safetensors"), "-o", str(tmp_path / "x.safetensors"),
+                         "--top-k", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    from patchkit.format import Patch
+
+    patch = Patch.load(tmp_path / "x.safetensors")
+    assert patch.base_model == "me/tinybase" and len(patch.base_revision) == 40  # the resolved commit
+    r = run.invoke(cli, ["apply", str(tmp_path / "x.safetensors"), "me/tinybase", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    r2 = run.invoke(cli, ["apply", str(tmp_path / "x.safetensors"), str(base), "-o", str(tmp_path / "local")])
+    assert r2.exit_code == 0, r2.output
+    for f in ck.files:
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "local" / f).read_bytes()
+    r = run.invoke(cli, ["apply", str(tmp_path / "x.safetensors"), "me/tinybase", "--in-place"])
+    assert r.exit_code == 2 and "Hub model id" in r.output
