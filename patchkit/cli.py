@@ -402,6 +402,74 @@ def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, for
         raise CommandFailed("the model's weights differ from the base after evaluation", 1)
 
 
+# ---- tune ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model")
+@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the chosen patch.")
+@click.option("--prompts", default="builtin:toxic-prompts", show_default=True, help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME.")
+@click.option("--benign", default="builtin:benign-requests", show_default=True, help="Text for perplexity and KL: FILE or builtin:NAME.")
+@click.option("--max-ppl-increase", help="Budget: perplexity on the benign text at most this much above the base (5% or 0.05).")
+@click.option("--max-kl", type=click.FloatRange(0), help="Budget: mean next-token KL(base||patched) on the benign text, nats.")
+@click.option("--top-k", "top_ks", help="Comma-separated K values (rows edited across all layers).")
+@click.option("--fraction", "fractions", help="Or: comma-separated fractions of all target rows (default 0.01,0.0465,0.1).")
+@click.option("--alpha", "alphas", help="Comma-separated edit strengths (default 0.5,1,2,4).")
+@click.option("--refine", type=click.IntRange(0), default=3, show_default=True, help="Bisection steps on alpha at each K.")
+@click.option("--judge", default="lexical", show_default=True, help="lexical, refusal, probe:PATH or classifier:PATH_OR_HUB_ID.")
+@click.option("--goal", type=click.Choice(["lower", "higher"]), help="Which judge scores are better (default: higher for refusal, else lower).")
+@click.option("--metric", type=click.Choice(["mean", "rate", "expected_max", "p_any"]), default="mean", show_default=True)
+@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split) to measure the judge's accuracy.")
+@click.option("--force-judge", is_flag=True, help="Allow a probe judge that is the probe the patches are made with.")
+@click.option("--limit", type=click.IntRange(1), default=32, show_default=True, help="Use N prompts, evenly spread over the set.")
+@click.option("--benign-limit", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--any-probe", is_flag=True, help="Use a probe trained on another model of the same size.")
+@click.option("--description", help="A line of text stored in the patch.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@json_option
+def tune(model, probe_path, output, prompts, benign, max_ppl_increase, max_kl, top_ks, fractions, alphas, refine, judge, goal,
+         metric, judge_check, force_judge, limit, benign_limit, samples, temperature, max_new_tokens, batch_size, seed,
+         any_probe, description, overwrite, as_json):
+    """Search K and alpha for the strongest judged change within a capability budget; write the chosen patch.
+
+    Every point is measured on MODEL loaded once (perplexity and KL first, generation only within
+    budget); the trade-off table is printed and stored in the patch (`patchkit inspect`). See docs/tune.md.
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .tune import parse_floats, render_tune_table
+    from .tune import tune as run_tune
+
+    if top_ks and fractions:
+        raise CommandFailed("give --top-k or --fraction, not both", 2)
+    if max_ppl_increase is None and max_kl is None:
+        raise CommandFailed("give a budget: --max-ppl-increase and/or --max-kl", 2)
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    r = run_tune(model, probe_path, prompts, benign, ks=[int(k) for k in parse_floats(top_ks, "--top-k")] if top_ks else None,
+                 fractions=parse_floats(fractions, "--fraction") if fractions else None,
+                 alphas=parse_floats(alphas, "--alpha") if alphas else None, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
+                 judge=judge, goal=goal, metric=metric, refine=refine, seed=seed, limit=limit, benign_limit=benign_limit,
+                 max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, temperature=temperature,
+                 judge_check=judge_check, force_judge=force_judge, check_model=not any_probe, description=description,
+                 output=output, overwrite=overwrite, log=None if as_json else (lambda m: click.echo(m, err=True)))
+    out = {**r.to_dict(), "output": output}
+
+    def human(d):
+        click.echo(render_tune_table(r))
+        click.echo(f"wrote {output}: patch {_short(d['patch_id'])}, K={r.best.k}, alpha {r.best.alpha:g} "
+                   f"({r.timing['total_s']:.1f} s, {r.timing['points']} points, {r.timing['generated']} generated)")
+        if not r.improves_on_base:
+            click.echo("warning: no point within budget scored better than the base on this judge", err=True)
+
+    _emit(as_json, out, human)
+
+
 # ---- probe / compute ----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("model")

@@ -138,7 +138,7 @@ def compute_patch(
     edits = {}
     for name, neurons in selected.items():
         lay = layouts[names.index(name)]
-        edits[name] = _edit(ck.info(name), lay, neurons.astype(np.int64), vectors[name], alpha)
+        edits[name] = target_edit(ck.info(name), lay, neurons.astype(np.int64), vectors[name], alpha)
     applied = [r.id for r in st.load_state(ck.path).applied]
     row_norms = _mean_row_norm(ck, selected, dict(zip(names, layouts)))
     dnorm = float(np.linalg.norm(next(iter(vectors.values())))) if vectors else 0.0
@@ -184,7 +184,7 @@ def _neuron_chunks(info, lay: Layout):
         yield start - lo, np.ascontiguousarray(whole[:, start : min(start + cstep, hi)].T)
 
 
-def _edit(info, lay: Layout, neurons: np.ndarray, vector, alpha: float) -> TensorEdit:
+def target_edit(info, lay: Layout, neurons: np.ndarray, vector, alpha: float) -> TensorEdit:
     """The factored edit adding alpha * vector to the input weights of `neurons` (sorted)."""
     direction = np.ascontiguousarray(vector, dtype=np.float32)
     scale = np.array([alpha], dtype=np.float32)
@@ -249,3 +249,33 @@ def compute(model, probe, output, **kwargs) -> Patch:
     patch = compute_patch(model, probe, **kwargs)
     patch.save(Path(output))
     return patch
+
+
+def rank_rows(model, probe, k_max: int, *, target: str | None = None, axis: int = 0, check_model: bool = True) -> dict:
+    """The paper's ranking of gate neurons, scored once: the `k_max` best, best first.
+
+    The top K for any K <= k_max is the first K entries: the neurons (and ties) that
+    `compute_patch(top_k=K)` selects with strategy `paper`. Returns {"names", "layouts",
+    "tensor_idx", "neurons", "scores", "total", "family"} (arrays ordered best first).
+    """
+    ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    probe = probe_arrays(probe)
+    targets = resolve_targets(ck, target, axis)
+    layouts = list(targets.layouts)
+    if probe.direction.size != layouts[0].inputs:
+        raise ProbeError(f"the probe reads {probe.direction.size} features but the model's {targets.family} targets have "
+                         f"{layouts[0].inputs} inputs: the probe was made for another model")
+    fingerprint = probe.info.get("model_fingerprint")
+    if check_model and fingerprint and fingerprint != ck.fingerprint():
+        raise ProbeError(f"the probe was trained on another model than {ck.path} (fingerprints differ); "
+                         "train a probe on this model, or pass --any-probe to use it anyway")
+    total = sum(lay.neurons for lay in layouts)
+    if not 1 <= k_max <= total:
+        raise ProbeError(f"K={k_max} is not between 1 and the {total} target rows; lower it")
+    direction = probe.direction.astype(np.float32)
+    top = RunningTopK(k_max)
+    for t, (name, lay) in enumerate(zip(targets.names, layouts)):
+        for offset, values in _neuron_chunks(ck.info(name), lay):
+            top.add(t, score_rows(values, direction), row_offset=offset)
+    return {"names": list(targets.names), "layouts": layouts, "tensor_idx": top.tensor_idx, "neurons": top.rows,
+            "scores": top.scores, "total": int(total), "family": targets.family}
