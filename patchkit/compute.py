@@ -141,7 +141,9 @@ def compute_patch(
         edits[name] = target_edit(ck.info(name), lay, neurons.astype(np.int64), vectors[name], alpha)
     applied = [r.id for r in st.load_state(ck.path).applied]
     row_norms = _mean_row_norm(ck, selected, dict(zip(names, layouts)))
-    dnorm = float(np.linalg.norm(next(iter(vectors.values())))) if vectors else 0.0
+    # mean ||v|| over the edited neurons: per-layer directions (layer-matched) differ in norm
+    counts = {n: len(r) for n, r in selected.items()}
+    dnorm = sum(counts[n] * float(np.linalg.norm(vectors[n])) for n in counts) / max(1, sum(counts.values()))
     return Patch(
         edits=edits,
         base_model=model_id or ck.config.get("_name_or_path") or None,

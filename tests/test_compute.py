@@ -182,3 +182,18 @@ def test_compute_path_does_not_import_torch(copy_ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "x.safetensors").exists()
+
+
+def test_edit_norm_ratio_averages_over_edited_rows_for_layer_matched(copy_ckpt):
+    base = copy_ckpt("fp32", False)
+    ck = Checkpoint(base)
+    probe = make_probe(ck)
+    g = torch.Generator().manual_seed(5)
+    probe.layer_probes = {i: (torch.randn(2, 32, generator=g) * (i + 1), torch.zeros(2)) for i in range(3)}
+    patch = compute_patch(base, probe, top_k=20, alpha=0.5, strategy="layer-matched")
+    tensors = load_all(base)
+    n = sum(e.n_rows for e in patch.edits.values())
+    dnorm = sum(e.n_rows * np.linalg.norm(e.direction) for e in patch.edits.values()) / n
+    rnorm = sum(np.linalg.norm(tensors[name][e.rows].double().numpy(), axis=1).sum() for name, e in patch.edits.items()) / n
+    assert len({round(float(np.linalg.norm(e.direction)), 3) for e in patch.edits.values()}) > 1  # really per-layer
+    assert patch.provenance["params"]["edit_norm_ratio"] == pytest.approx(0.5 * dnorm / rnorm, rel=1e-6)
