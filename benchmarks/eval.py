@@ -25,7 +25,9 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def plain_loop(model, tok, prompts, max_new_tokens, batch_size):
@@ -62,6 +64,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--json", action="store_true", help="table on stderr, one JSON object on stdout")
+    ap.add_argument("--report", type=Path, default=Path(tempfile.gettempdir()) / "patchkit-bench" / "eval-report",
+                    help="where `patchkit eval` writes its HTML report of the shipped patch (with controls)")
+    ap.add_argument("--skip-report", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -97,10 +102,22 @@ def main() -> int:
         print(f"{name:<32} {b:>5} {t:>8.2f} {n / t:>10.2f}", file=err)
     verdict = "PASS" if ratio >= 0.9 else "FAIL"
     print(f"(b)/(a) throughput {ratio:.2f} (target >= 0.90): {verdict}; identical continuations {same}/{n}", file=err)
+    report = None
+    if not args.skip_report:
+        # The same evaluation `patchkit eval embedded --patch ... --controls --report DIR` runs.
+        from patchkit.evaluate import evaluate
+        from patchkit.report import write_report
+
+        patch = Path(__file__).resolve().parent.parent / "patches" / "smollm2-135m-instruct-detox.safetensors"
+        result = evaluate(path, [patch], prompts="builtin:toxic-prompts", judges=["lexical"], controls=True,
+                          limit=n, max_new_tokens=mnt, batch_size=bs)
+        report = write_report(result, args.report)
+        print(f"HTML report of the shipped patch with controls: {report}", file=err)
     if args.json:
         print(json.dumps({"prompts": n, "batch_size": bs, "max_new_tokens": mnt, "reps": args.reps,
                           "rows": [{"way": w, "batch": b, "seconds": t, "prompts_per_s": n / t} for w, b, t in rows],
-                          "ratio": ratio, "pass": ratio >= 0.9, "identical": same}))
+                          "ratio": ratio, "pass": ratio >= 0.9, "identical": same,
+                          "report": str(report) if report else None}))
     return 0
 
 
