@@ -35,6 +35,9 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|w
 _F32_EPS = float(np.finfo(np.float32).eps)
 
 
+_CONV1D = re.compile(r"(?:^|\.)h\.\d+\.(?:attn|mlp|crossattention)\.c_(?:fc|proj|attn)\.weight$")
+
+
 def unsupported_reason(edit: TensorEdit) -> str | None:
     """Why this edit cannot be a LoRA delta on a Linear layer, or None when it can."""
     if edit.encoding == "replace":
@@ -45,6 +48,8 @@ def unsupported_reason(edit: TensorEdit) -> str | None:
         return f"it is {len(edit.shape)}-d; LoRA adapts 2-d Linear weights"
     if _EMBEDDING.search(edit.name):
         return "it is an embedding, not a Linear layer"
+    if _CONV1D.search(edit.name):
+        return "it is a GPT-2 style Conv1D weight stored transposed; exporting those is not supported yet"
     return None
 
 

@@ -118,3 +118,15 @@ def test_cli_merge_and_export(ckpts, tmp_path, cli_runner):
     r = cli_runner("export", tmp_path / "m.safetensors", "--to", "peft", "-o", tmp_path / "lora", "--json")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "lora" / "adapter_config.json").exists() and (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+
+def test_conv1d_weights_are_named_not_exported(tmp_path):
+    from patchkit.export import unsupported_reason
+    from patchkit.format import make_edit
+
+    raw = np.zeros((3, 16 * 4), dtype=np.uint8)  # three F32 rows of 16 elements
+    delta = np.ones((3, 16), np.float32)
+    conv = make_edit("transformer.h.0.mlp.c_fc.weight", (4, 16), "F32", np.arange(3), raw, delta=delta)
+    assert "Conv1D" in unsupported_reason(conv)
+    linear = make_edit("model.layers.0.mlp.gate_proj.weight", (4, 16), "F32", np.arange(3), raw, delta=delta)
+    assert unsupported_reason(linear) is None
