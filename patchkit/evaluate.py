@@ -37,6 +37,7 @@ from .judges import (  # noqa: F401 (re-exported)
 from .memory import (
     _TORCH_DTYPE,
     _raw,
+    _resolve,
     _row_view,
     _tensors,
     apply_in_memory,
@@ -108,7 +109,7 @@ def make_controls(model, patch: Patch, seed: int = 0) -> list[tuple[str, Patch]]
         e = patch.edits[name]
         if e.encoding == "replace":
             raise UnsupportedError(f"tensor {name}: controls need delta edits, not replacement values")
-        t = tensors[name].data if isinstance(tensors[name], torch.nn.Parameter) else tensors[name]
+        t = _resolve(tensors, name)
         view = _row_view(t)
         n_rows = view.shape[0]
         rows = np.sort(rng.choice(n_rows, size=e.n_rows, replace=False)).astype(np.int64)
@@ -145,8 +146,8 @@ def rows_intact(model, patch: Patch) -> bool:
     """The touched rows hold exactly the patch's base bytes (the patch is not applied)."""
     tensors = _tensors(model)
     for name, e in patch.edits.items():
-        t = tensors[name].data if isinstance(tensors[name], torch.nn.Parameter) else tensors[name]
-        if rows_hash(_raw(_row_view(t)[torch.from_numpy(np.array(e.rows))], _TORCH_DTYPE[t.dtype])) != e.base_sha256:
+        t = _resolve(tensors, name)
+        if t is None or rows_hash(_raw(_row_view(t)[torch.from_numpy(np.array(e.rows))], _TORCH_DTYPE[t.dtype])) != e.base_sha256:
             return False
     return True
 

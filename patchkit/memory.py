@@ -6,6 +6,7 @@ model patched in memory holds exactly the bits of the patched checkpoint loaded 
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +34,36 @@ def _tensors(target) -> dict[str, torch.Tensor]:
     return target
 
 
+# Checkpoint names of MoE experts -> (in-memory fused tensor, part): transformers keeps every expert of a
+# layer in one [E, 2I, H] `gate_up_proj` (gate = first I rows, as its forward's chunk(2)) and one
+# [E, H, I] `down_proj`, but saves them per expert under the older names.
+_EXPERT_NAMES = (
+    (re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight$"), ".mlp.experts", {"1": "gate", "3": "up", "2": "down"}),
+    (re.compile(r"^(.*)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$"), ".mlp.experts", {"gate": "gate", "up": "up", "down": "down"}),
+)
+
+
+def _resolve(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The tensor (or the view of a fused tensor) that holds checkpoint tensor `name` in memory."""
+    if name in tensors:
+        t = tensors[name]
+        return t.data if isinstance(t, torch.nn.Parameter) else t
+    for rx, module, parts in _EXPERT_NAMES:
+        m = rx.match(name)
+        if not m:
+            continue
+        prefix, expert, part = m.group(1), int(m.group(2)), parts[m.group(3)]
+        fused = tensors.get(f"{prefix}{module}.{'down_proj' if part == 'down' else 'gate_up_proj'}")
+        if fused is None:
+            return None
+        fused = fused.data if isinstance(fused, torch.nn.Parameter) else fused
+        if part == "down":
+            return fused[expert]
+        half = fused.shape[1] // 2
+        return fused[expert, :half] if part == "gate" else fused[expert, half:]
+    return None
+
+
 def _row_view(t: torch.Tensor) -> torch.Tensor:
     """The tensor as [rows, cols] sharing storage (rows along the output axis, as in the patch format)."""
     if t.ndim == 0:
@@ -53,10 +84,9 @@ def apply_in_memory(target, patch: Patch | str, check: bool = True) -> Undo:
     planned = []
     for name in sorted(patch.edits):
         edit = patch.edits[name]
-        if name not in tensors:
+        t = _resolve(tensors, name)
+        if t is None:
             raise BaseMismatchError(f"the model has no tensor {name}: the patch was made for another model", tensor=name)
-        t = tensors[name]
-        t = t.data if isinstance(t, torch.nn.Parameter) else t
         dtype = _TORCH_DTYPE.get(t.dtype)
         if tuple(t.shape) != tuple(edit.shape) or dtype != edit.dtype:
             raise BaseMismatchError(
@@ -83,8 +113,7 @@ def revert_in_memory(target, undo: Undo) -> None:
     tensors = _tensors(target)
     with torch.no_grad():
         for name, (idx, old) in undo.rows.items():
-            t = tensors[name]
-            t = t.data if isinstance(t, torch.nn.Parameter) else t
+            t = _resolve(tensors, name)
             _row_view(t)[idx] = old.to(t.device)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
@@ -95,3 +96,46 @@ def test_patch_for_another_model_is_refused_and_changes_nothing(ckpts):
     assert not torch.equal(sd["lm_head.weight"], original["lm_head.weight"])
     revert_in_memory(sd, undo)
     assert_tensors_bitequal(sd, original)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_patches_apply_in_memory_to_fused_experts(family, tmp_path):
+    """transformers saves experts one by one but holds them fused in memory: the names are mapped."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
+
+    from patchkit import ops
+    from patchkit.checkpoint import Checkpoint
+    from patchkit.compute import compute_patch
+    from patchkit.memory import patched
+    from patchkit.probefile import ProbeArrays
+
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2)
+    if family == "mixtral":
+        cfg = MixtralConfig(intermediate_size=48, num_local_experts=4, **common)
+    else:
+        cfg = Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, **common)
+    model = helpers.make_model(cfg, seed=1, dtype=torch.float32)
+    base = helpers.save_checkpoint(model, tmp_path / "base")
+    probe = ProbeArrays(np.random.default_rng(2).standard_normal((2, 32)).astype(np.float32), np.zeros(2, np.float32),
+                        {"behavior_index": 1})
+    patch = compute_patch(Checkpoint(base), probe, top_k=12, alpha=2.0)
+    assert any("experts." in n for n in patch.edits)
+    ops.apply(patch, base, tmp_path / "out")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), patched(model, patch):
+        got = model(ids).logits
+    assert torch.equal(got, expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # and `eval`, with its controls, runs on the fused layout and restores the weights
+    from patchkit import judges as J
+    from patchkit.evaluate import evaluate
+
+    path = patch.save(tmp_path / "moe.safetensors")
+    r = evaluate(base, [path], prompts=["the good dog", "a cruel group"], benign=["the river is calm"],
+                 judges=[J.lexical(["cruel"])], controls=True, max_new_tokens=2, batch_size=2)
+    assert r.reverted_bit_identical and len(r.conditions) == 4
