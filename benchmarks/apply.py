@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         log(f"    {r['wall_s']:.2f} s, {r['rss_mb']:.0f} MB")
 
     inplace = runs / "inplace"
-    log(f"    copying the checkpoint for (d)/(e) (not timed) ...")
+    log("    copying the checkpoint for (d)/(e) (not timed) ...")
     shutil.copytree(base, inplace)
     # One untimed round first: the first big write after large deletions is much slower on some
     # filesystems / VMs (seen: cp -r 2.2 s, then 0.8 s), which would skew whichever op runs first.

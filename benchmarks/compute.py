@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 # ---- shared with benchmarks/apply.py (the checkpoint layout, its generation, the measuring) ------------
 _spec = importlib.util.spec_from_file_location("patchkit_bench_apply", Path(__file__).with_name("apply.py"))

@@ -25,7 +25,6 @@ from .format import Patch, rows_hash
 from .fsutil import publish_folder, temp_folder_for
 from .stfile import row_runs, write_rows
 
-PatchLike = "Patch | str | Path"
 
 
 def load_patch(p) -> Patch:

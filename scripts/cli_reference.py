@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent

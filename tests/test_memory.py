@@ -10,7 +10,6 @@ import torch
 from conftest import TORCH_DTYPES, assert_tensors_bitequal, build_patch, load_tensors
 from patchkit import ops
 from patchkit.errors import BaseMismatchError
-from patchkit.format import Patch
 from patchkit.memory import apply_in_memory, patched, revert_in_memory
 
 
@@ -101,7 +100,6 @@ def test_patch_for_another_model_is_refused_and_changes_nothing(ckpts):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_moe_patches_apply_in_memory_to_fused_experts(family, tmp_path):
     """transformers saves experts one by one but holds them fused in memory: the names are mapped."""
-    import numpy as np
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
     from patchkit import ops
