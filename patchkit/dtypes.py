@@ -67,7 +67,12 @@ def from_float(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         f = np.ascontiguousarray(values, dtype=np.float32)
         u = f.view(np.uint32)
-        rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+        b = u >> 16  # round to nearest even: add 0x7FFF plus the lowest kept bit, then drop 16 bits
+        b &= 1
+        b += 0x7FFF
+        b += u
+        b >>= 16
+        rounded = b.astype(np.uint16)
         nan = np.isnan(f)
         if nan.any():
             rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
@@ -80,6 +85,14 @@ def from_float(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F64":
         return values.astype(np.float64)
     raise UnsupportedError(f"cannot do arithmetic on dtype {dtype}")
+
+
+def is_finite(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Element-wise finiteness of raw bytes (uint8 rows) or typed elements, without converting them."""
+    elems = raw.view(STORAGE[dtype]) if raw.dtype == np.uint8 else raw
+    if dtype == "BF16":
+        return (elems & 0x7F80) != 0x7F80
+    return np.isfinite(elems)
 
 
 def add_delta(raw: np.ndarray, delta: np.ndarray, dtype: str) -> np.ndarray:

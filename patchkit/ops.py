@@ -17,7 +17,7 @@ import numpy as np
 
 from . import state as st
 from .checkpoint import Checkpoint
-from .dtypes import sub_delta, to_float, ulp
+from .dtypes import is_finite, sub_delta, to_float, ulp
 from .errors import (
     BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError,
 )
@@ -159,8 +159,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                 forced_here = True
             new = edit.new_rows(current)
             if edit.encoding != "replace":
-                before, after = to_float(current, edit.dtype), to_float(new, edit.dtype)
-                bad = np.isfinite(before) & ~np.isfinite(after)
+                bad = is_finite(current, edit.dtype) & ~is_finite(new, edit.dtype)
                 if bad.any():
                     r = int(edit.rows[np.argwhere(bad)[0][0]])
                     raise NonFiniteError(
