@@ -20,8 +20,11 @@ STATE_DIR = ".patchkit"
 class Checkpoint:
     """A folder with `model.safetensors`, or shards listed by a `*.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, partial: bool = False):
+        """`partial`: shards named by the index may be absent (a download of only the shards a command
+        needs); their tensors are then unknown, and `missing` lists them."""
         self.path = Path(path)
+        self.missing: list[str] = []
         if not self.path.exists():
             raise CheckpointError(f"checkpoint folder {self.path} does not exist", path=self.path)
         if not self.path.is_dir():
@@ -32,6 +35,9 @@ class Checkpoint:
             try:
                 header = read_header(self.path / rel)
             except FileNotFoundError:
+                if partial:
+                    self.missing.append(rel)
+                    continue
                 raise CheckpointError(f"{self.path}: shard {rel} named by the index is missing") from None
             except (STFormatError, OSError) as e:
                 raise CheckpointError(f"{self.path / rel} is not a valid safetensors file: {e}") from None
@@ -41,6 +47,8 @@ class Checkpoint:
                 self.tensors[name] = info
         if self.index is not None:
             for name, rel in self.index.items():
+                if rel in self.missing:
+                    continue
                 if name not in self.tensors or self.tensors[name].file.name != Path(rel).name:
                     raise CheckpointError(f"{self.path}: the index puts {name} in {rel}, which does not hold it")
 
@@ -84,6 +92,11 @@ class Checkpoint:
 
         Cheap (two small reads a tensor) and different for different weights of one architecture.
         """
+        if self.missing:
+            raise CheckpointError(
+                f"{self.path} holds {len(self.files) - len(self.missing)} of its {len(self.files)} shards: "
+                "a model fingerprint needs all of them"
+            )
         h = hashlib.sha256()
         for name in sorted(self.tensors):
             info = self.tensors[name]

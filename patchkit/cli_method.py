@@ -218,17 +218,15 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
 
     from .compute import compute_patch
     from .errors import OutputExistsError
-    from .method import resolve_model_arg
+    from .method import checkpoint_for_compute
 
     if top_k is not None and fraction is not None:
         raise CommandFailed("give --top-k or --fraction, not both", 2)
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
-    path = resolve_model_arg(model)
-    remote = not Path(model).exists() and model not in ("embedded", "smollm2")
-    patch = compute_patch(path, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
-                          target=target, axis=axis, check_model=not any_probe,
-                          model_id=model.split("@")[0] if remote else None, revision=path.name if remote else None)
+    ck, model_id, revision = checkpoint_for_compute(model, target)
+    patch = compute_patch(ck, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
+                          target=target, axis=axis, check_model=not any_probe, model_id=model_id, revision=revision)
     patch.description = description
     patch.save(output)
     s = patch.summary()

@@ -48,6 +48,7 @@ def probe_arrays(probe) -> ProbeArrays:
     info = {
         "behavior_index": probe.behavior_index, "label_names": list(probe.label_names), "layer": probe.layer,
         "pool": probe.pool, "model_fingerprint": probe.model_fingerprint, "data_hash": probe.data_hash,
+        "model_source": getattr(probe, "model_source", ""),
         "n_examples": probe.n_examples, "train_accuracy": probe.train_accuracy,
         "heldout_accuracy": probe.heldout_accuracy, "heldout_method": probe.heldout_method,
     }  # fmt: skip
@@ -69,6 +70,35 @@ def _probe_summary(p: ProbeArrays) -> dict:
         "model_fingerprint": info.get("model_fingerprint"),
         "layer_matched": bool(p.layers),
     }
+
+
+def check_probe(ck: Checkpoint, probe: ProbeArrays, family: str, inputs: int, check_model: bool = True,
+                model_id: str | None = None, revision: str | None = None) -> None:
+    """Refuse a probe made for another model: wrong feature size, or (with `check_model`) another model.
+
+    The model is recognised by its fingerprint; for a partial Hub download (only the shards holding the
+    targets), whose fingerprint cannot be read, by the Hub commit the probe was trained on."""
+    if probe.direction.size != inputs:
+        raise ProbeError(
+            f"the probe reads {probe.direction.size} features but the model's {family} targets have {inputs} inputs: "
+            "the probe was made for another model"
+        )
+    if not check_model:
+        return
+    if ck.missing:
+        source = probe.info.get("model_source")
+        if not (source and model_id and revision and source == f"{model_id}@{revision}"):
+            raise ProbeError(
+                f"only the target shards of {model_id or ck.path} were downloaded, and the probe does not record that "
+                "Hub commit: train the probe with `patchkit probe OWNER/NAME`, or pass --any-probe"
+            )
+        return
+    fingerprint = probe.info.get("model_fingerprint")
+    if fingerprint and fingerprint != ck.fingerprint():
+        raise ProbeError(
+            f"the probe was trained on another model than {ck.path} (fingerprints differ); "
+            "train a probe on this model, or pass --any-probe to use it anyway"
+        )
 
 
 def compute_patch(
@@ -97,18 +127,7 @@ def compute_patch(
     targets = resolve_targets(ck, target, axis)
     infos = [ck.info(n) for n in targets.names]
     layouts = list(targets.layouts)
-    hidden = layouts[0].inputs
-    if probe.direction.size != hidden:
-        raise ProbeError(
-            f"the probe reads {probe.direction.size} features but the model's {targets.family} targets have {hidden} inputs: "
-            "the probe was made for another model"
-        )
-    fingerprint = probe.info.get("model_fingerprint")
-    if check_model and fingerprint and fingerprint != ck.fingerprint():
-        raise ProbeError(
-            f"the probe was trained on another model than {ck.path} (fingerprints differ); "
-            "train a probe on this model, or pass --any-probe to use it anyway"
-        )
+    check_probe(ck, probe, targets.family, layouts[0].inputs, check_model, model_id, revision)
     if strategy is Strategy.LAYER_MATCHED:
         dirs = probe.layer_directions
         missing = [layer for layer in targets.layers if layer not in dirs]
@@ -264,13 +283,7 @@ def rank_rows(model, probe, k_max: int, *, target: str | None = None, axis: int 
     probe = probe_arrays(probe)
     targets = resolve_targets(ck, target, axis)
     layouts = list(targets.layouts)
-    if probe.direction.size != layouts[0].inputs:
-        raise ProbeError(f"the probe reads {probe.direction.size} features but the model's {targets.family} targets have "
-                         f"{layouts[0].inputs} inputs: the probe was made for another model")
-    fingerprint = probe.info.get("model_fingerprint")
-    if check_model and fingerprint and fingerprint != ck.fingerprint():
-        raise ProbeError(f"the probe was trained on another model than {ck.path} (fingerprints differ); "
-                         "train a probe on this model, or pass --any-probe to use it anyway")
+    check_probe(ck, probe, targets.family, layouts[0].inputs, check_model)
     total = sum(lay.neurons for lay in layouts)
     if not 1 <= k_max <= total:
         raise ProbeError(f"K={k_max} is not between 1 and the {total} target rows; lower it")

@@ -15,6 +15,7 @@ from .errors import CheckpointError
 from .sources import resolve_model
 
 DEFAULT_MAX_LENGTH = 128
+EMBEDDED_NAMES = ("embedded", "smollm2")
 
 
 def cache_root() -> Path:
@@ -23,7 +24,7 @@ def cache_root() -> Path:
 
 def resolve_model_arg(model: str) -> Path:
     """A checkpoint folder for a model argument: a folder, a Hub id, or `embedded` (SmolLM2-135M)."""
-    if model in ("embedded", "smollm2"):
+    if model in EMBEDDED_NAMES:
         from .embedded import embedded_model_path
 
         return embedded_model_path()
@@ -115,4 +116,33 @@ def train_probe_for(
         else:
             per_layer = {int(k.split(".")[1]): v for k, v in hit.items()}
         probe = train_layer_probes(per_layer, list(labelled.labels), probe)
+    if is_hub_id(model):
+        from dataclasses import replace
+
+        probe = replace(probe, model_source=f"{model.split('@')[0]}@{path.name}")  # the snapshot folder is the commit
     return ProbeRun(probe, cached=not loaded, model_path=path)
+
+
+def is_hub_id(model: str) -> bool:
+    from .sources import HUB_ID
+
+    return model not in EMBEDDED_NAMES and not Path(model).exists() and bool(HUB_ID.match(model))
+
+
+def checkpoint_for_compute(model: str, target: str | None = None) -> tuple[Checkpoint, str | None, str | None]:
+    """(checkpoint, Hub model id, Hub commit) for `compute`. A Hub model is fetched as its config and
+    index first, then only the shards that hold the target tensors."""
+    if not is_hub_id(model):
+        return Checkpoint(resolve_model_arg(model)), None, None
+    import re
+
+    from .hub import download_model
+    from .targets import family_for
+
+    meta = Checkpoint(download_model(model, allow_patterns=[]), partial=True)
+    files = None  # an unsharded model: its one weights file
+    if meta.index is not None:
+        patterns = [re.compile(target)] if target else [re.compile(t.pattern) for t in family_for(meta).targets]
+        files = sorted({rel for name, rel in meta.index.items() if any(p.search(name) for p in patterns)})
+    folder = download_model(model, allow_patterns=files)
+    return Checkpoint(folder, partial=True), model.split("@")[0], folder.name

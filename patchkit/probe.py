@@ -40,6 +40,7 @@ class Probe:
     layer: int = -1
     pool: str = "mean"
     model_fingerprint: str = ""
+    model_source: str = ""  # OWNER/NAME@COMMIT when trained on a Hub model
     data_hash: str = ""
     n_examples: int = 0
     train_accuracy: float = float("nan")
@@ -199,7 +200,8 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
     """Write ``probe`` as ``.safetensors`` with JSON metadata, atomically (see :mod:`patchkit.probefile`)."""
     info = {
         "behavior_index": probe.behavior_index, "label_names": list(probe.label_names), "layer": probe.layer,
-        "pool": probe.pool, "model_fingerprint": probe.model_fingerprint, "data_hash": probe.data_hash,
+        "pool": probe.pool, "model_fingerprint": probe.model_fingerprint, "model_source": probe.model_source,
+        "data_hash": probe.data_hash,
         "n_examples": probe.n_examples, "train_accuracy": probe.train_accuracy,
         "heldout_accuracy": probe.heldout_accuracy, "heldout_method": probe.heldout_method,
         "training": probe.training, "layer_accuracies": {str(k): v for k, v in sorted(probe.layer_accuracies.items())},
@@ -219,6 +221,7 @@ def probe_from_arrays(arrays: ProbeArrays) -> Probe:
             weight=torch.from_numpy(arrays.weight), bias=torch.from_numpy(arrays.bias),
             behavior_index=int(info["behavior_index"]), label_names=tuple(info["label_names"]),
             layer=int(info["layer"]), pool=str(info["pool"]), model_fingerprint=str(info["model_fingerprint"]),
+            model_source=str(info.get("model_source", "")),
             data_hash=str(info["data_hash"]), n_examples=int(info["n_examples"]),
             train_accuracy=float(info["train_accuracy"]), heldout_accuracy=info["heldout_accuracy"],
             heldout_method=str(info["heldout_method"]), training=dict(info["training"]),

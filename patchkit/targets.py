@@ -99,7 +99,7 @@ def family_for(ck: Checkpoint) -> Family:
     fam = family_named(model_type)
     if fam is not None:
         return fam
-    names = list(ck.tensors)
+    names = list(ck.tensors) + list(ck.index or {})
     for fam in FAMILIES:
         if any(re.match(t.pattern, n) for t in fam.targets for n in names):
             return fam

@@ -507,3 +507,52 @@ def test_cli_hub_model_ids_for_apply_and_compute(hub, tmp_path):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "local" / f).read_bytes()
     r = run.invoke(cli, ["apply", str(tmp_path / "x.safetensors"), "me/tinybase", "--in-place"])
     assert r.exit_code == 2 and "Hub model id" in r.output
+
+
+def test_compute_on_a_hub_model_fetches_only_the_target_shards(hub, tmp_path, monkeypatch):
+    """probe OWNER/NAME records the commit; compute OWNER/NAME then downloads config, index and the
+    shards holding gate_proj only, and gives the same edit as compute on a full local copy."""
+    import helpers
+    import torch
+    from click.testing import CliRunner
+
+    from patchkit.checkpoint import Checkpoint
+    from patchkit.cli import cli
+    from patchkit.format import Patch
+
+    model = helpers.make_model(helpers.llama_config(), seed=4, dtype=torch.bfloat16)
+    base = helpers.save_checkpoint(model, tmp_path / "base", shard_size="12KB")
+    ck = Checkpoint(base)
+    gate_files = {ck.index[n] for n in ck.index if n.endswith("mlp.gate_proj.weight")}
+    assert len(ck.files) > len(gate_files)  # some shards hold no gate_proj: they must not be fetched
+    H.push_checkpoint(base, "me/sharded")
+    data = tmp_path / "d.jsonl"
+    bad = [f"{a} {b}" for a in ("hate", "cruel", "awful") for b in ("people", "the group")]
+    good = [f"{a} {b}" for a in ("love", "kind", "nice") for b in ("people", "the group")]
+    data.write_text("".join(json.dumps({"text": t, "label": int(t in bad)}) + "\n" for t in bad + good))
+    monkeypatch.setenv("PATCHKIT_CACHE", str(tmp_path / "pk-cache"))
+    run = CliRunner()
+    r = run.invoke(cli, ["probe", "me/sharded", "--data", str(data), "-o", str(tmp_path / "p.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf2"))  # an empty cache: compute downloads what it needs
+    hub.clear_log()
+    r = run.invoke(cli, ["compute", "me/sharded", "--probe", str(tmp_path / "p.safetensors"), "-o", str(tmp_path / "x.safetensors"),
+                         "--top-k", "9"])
+    assert r.exit_code == 0, r.output
+    fetched = {f for f in hub.downloads("me/sharded") if f.endswith(".safetensors")}
+    assert fetched == gate_files
+    remote = Patch.load(tmp_path / "x.safetensors")
+    r = run.invoke(cli, ["compute", str(base), "--probe", str(tmp_path / "p.safetensors"), "-o", str(tmp_path / "y.safetensors"),
+                         "--top-k", "9"])
+    assert r.exit_code == 0, r.output
+    local = Patch.load(tmp_path / "y.safetensors")
+    assert {n: e.rows.tolist() for n, e in remote.edits.items()} == {n: e.rows.tolist() for n, e in local.edits.items()}
+    assert remote.base_model == "me/sharded" and len(remote.base_revision) == 40
+    # a probe trained on a local copy cannot be checked against a partial download
+    r = run.invoke(cli, ["probe", str(base), "--data", str(data), "-o", str(tmp_path / "q.safetensors")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(cli, ["compute", "me/sharded", "--probe", str(tmp_path / "q.safetensors"), "-o", str(tmp_path / "z.safetensors")])
+    assert r.exit_code != 0 and "--any-probe" in r.output and not (tmp_path / "z.safetensors").exists()
+    r = run.invoke(cli, ["compute", "me/sharded", "--probe", str(tmp_path / "q.safetensors"), "-o", str(tmp_path / "z.safetensors"),
+                         "--any-probe"])
+    assert r.exit_code == 0, r.output
