@@ -75,7 +75,7 @@ def render_table(result) -> str:
 
 # ------------------------------------------------------------------------------------------- HTML
 _COLORS = ["#555555", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}pre{white-space:pre-wrap}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}.hit{background:#fde2e2}
 .small{font-size:12px;color:#555}svg{margin:0.5em 1em 0.5em 0}.cont td{max-width:330px;font-size:12px}"""
@@ -110,21 +110,21 @@ def _histogram_svg(result, judge: str, names: list[str], bins: int = 10) -> str:
 
 def _tradeoff_svg(result, judge: str) -> str:
     """Each condition at (KL on benign text, rate of the judge): lower-left is better for a detox edit."""
-    w, h, pad = 420, 260, 45
+    w, h, pad, label_room = 560, 260, 45, 150  # room on the right for the condition names
     pts = [(c.capability.get("kl") or 0.0, c.metrics[judge]["rate"], c) for c in result.conditions]
     xmax = max(p[0] for p in pts) * 1.15 or 1.0
     ymax = max(max(p[1] for p in pts) * 1.15, 0.05)
-    X = lambda x: pad + x / xmax * (w - 2 * pad)
+    X = lambda x: pad + x / xmax * (w - 2 * pad - label_room)
     Y = lambda y: h - pad - y / ymax * (h - 2 * pad)
     parts = [f'<svg width="{w}" height="{h}" role="img">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad - label_room}" y2="{h - pad}" stroke="#333"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-             f'<text x="{w / 2}" y="{h - 8}" font-size="11" text-anchor="middle">mean KL(base||condition), nats/token (0 to {xmax:.3g})</text>',
+             f'<text x="{(w - label_room) / 2}" y="{h - 8}" font-size="11" text-anchor="middle">mean KL(base||condition), nats/token (0 to {xmax:.3g})</text>',
              f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{html.escape(judge)} rate (0 to {ymax:.2g})</text>']
     for k, (x, y, c) in enumerate(pts):
         col = _COLORS[k % len(_COLORS)]
         parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="5" fill="{col}"><title>{html.escape(c.name)}: KL {x:.4f}, rate {y:.3f}</title></circle>')
-        parts.append(f'<text x="{X(x) + 7:.1f}" y="{Y(y) - 6:.1f}" font-size="10" fill="{col}">{html.escape(c.name[:24])}</text>')
+        parts.append(f'<text x="{X(x) + 7:.1f}" y="{Y(y) - 6:.1f}" font-size="10" fill="{col}">{html.escape(c.kind if c.kind.startswith("random") else c.name)}</text>')
     return "".join(parts) + "</svg>"
 
 
