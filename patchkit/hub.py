@@ -96,6 +96,15 @@ def _where(repo_id: str, revision: str | None, path: str | None = None) -> str:
     return f"hf://{repo_id}" + (f"/{path}" if path else "") + (f"@{revision}" if revision else "")
 
 
+def _download_error(e: Exception, repo_id: str, revision: str | None, path: str | None, net_down: bool) -> Exception:
+    """The one-line error for a failed download: the network was down and the cache had no copy, or
+    whatever the Hub answered."""
+    if net_down:
+        return HubError(f"network unreachable ({endpoint()}) and {_where(repo_id, revision, path)} is not in the cache: "
+                        "nothing was written", repo_id=repo_id)
+    return hub_error(e, repo_id, revision, path)
+
+
 # ---- environment -----------------------------------------------------------------------------------------
 def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "on", "yes", "true")
@@ -306,10 +315,7 @@ def download_patch(ref: str, token=None) -> Path:
     except Exception as e:
         if not _is_hub_exception(e):
             raise
-        if net_down and not is_offline:
-            raise HubError(f"network unreachable ({endpoint()}) and {_where(repo_id, revision, path)} is not in the cache: "
-                           "nothing was written", repo_id=repo_id) from None
-        raise hub_error(e, repo_id, revision, path) from None
+        raise _download_error(e, repo_id, revision, path, net_down and not is_offline) from None
     try:
         Patch.load(local)
     except PatchFormatError as e:
@@ -425,10 +431,7 @@ def download_model(ref: str, allow_patterns: list[str] | None = None, token=None
     except Exception as e:
         if not _is_hub_exception(e):
             raise
-        if local_only and not is_offline:
-            raise HubError(f"network unreachable ({endpoint()}) and {repo_id}@{revision or 'main'} is not in the cache: "
-                           "nothing was written", repo_id=repo_id) from None
-        raise hub_error(e, repo_id, revision) from None
+        raise _download_error(e, repo_id, revision, None, local_only and not is_offline) from None
     RESOLVED[ref] = folder.name
     wanted = [p for p in (allow_patterns or []) if not any(ch in p for ch in "*?[")]
     absent = [p for p in wanted if not (folder / p).exists()]
