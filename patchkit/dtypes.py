@@ -7,6 +7,9 @@ which is what torch does for every dtype here.
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 
 from .errors import UnsupportedError
@@ -87,6 +90,11 @@ def from_float(values: np.ndarray, dtype: str) -> np.ndarray:
     raise UnsupportedError(f"cannot do arithmetic on dtype {dtype}")
 
 
+def require_arith(dtype: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise UnsupportedError(f"cannot do arithmetic on dtype {dtype}")
+
+
 def is_finite(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Element-wise finiteness of raw bytes (uint8 rows) or typed elements, without converting them."""
     elems = raw.view(STORAGE[dtype]) if raw.dtype == np.uint8 else raw
@@ -97,10 +105,133 @@ def is_finite(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def add_delta(raw: np.ndarray, delta: np.ndarray, dtype: str) -> np.ndarray:
     """Rows of raw bytes plus float32 deltas, rounded once to `dtype`; returns raw bytes (uint8)."""
-    base = to_float(raw, dtype)
+    return add_to_rows(raw, dtype, delta=delta)[0]
+
+
+# Rows are processed in blocks of about this many elements, through scratch buffers allocated once:
+# a block's temporaries stay in the CPU cache, and no array the size of all rows is made besides the
+# result (fresh memory costs more than the arithmetic, most of all in virtual machines).
+BLOCK_ELEMENTS = 1 << 16
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which uint16 of a native uint32 holds its high bits
+
+
+def add_to_rows(raw: np.ndarray, dtype: str, *, delta: np.ndarray | None = None, direction: np.ndarray | None = None,
+                scale: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """round(float(rows) + delta) for rows of raw bytes (uint8 [n, row_bytes]), rounded once to `dtype`.
+
+    The delta is dense (`delta`, float32 [n, cols]) or factored (`scale[i] * direction` in float32,
+    `scale` with n entries or 1), the product never materialised for all rows. Returns the new raw
+    bytes (uint8, same shape) and whether any element of them is inf or NaN. The result is bit for
+    bit `from_float(to_float(raw) + delta)`.
+    """
+    require_arith(dtype)
+    raw = np.ascontiguousarray(raw)
+    storage = STORAGE[dtype]
+    n = raw.shape[0]
+    elems = raw.view(storage).reshape(n, -1)
+    cols = elems.shape[1]
+    out = np.empty(raw.shape, dtype=np.uint8)
+    if n == 0 or cols == 0:
+        return out, False
+    out_elems = out.view(storage).reshape(n, cols)
+    work = compute_dtype(dtype)
+    per_row = delta_row = None
+    if delta is None:
+        direction = np.asarray(direction, dtype=np.float32)
+        scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        if len(scale) == n and n > 1:
+            per_row = scale
+        else:
+            with np.errstate(over="ignore"):
+                delta_row = (scale[:1, None] * direction[None, :]).astype(np.float32)
+        if not (np.isfinite(direction).all() and np.isfinite(scale).all()):
+            return _add_reference(elems, _block_delta(None, per_row, direction, delta_row, 0, n), dtype, raw.shape)
+    else:
+        delta = np.asarray(delta).reshape(n, cols)
+        if work == np.float32 and delta.dtype != np.float32:
+            delta = delta.astype(np.float32)
+    k = max(1, min(n, BLOCK_ELEMENTS // cols))
+    acc = _scratch("acc", (k, cols), np.uint32 if dtype == "BF16" else work)
+    tmp = _scratch("tmp", (k, cols), np.uint32) if dtype == "BF16" else None
+    dblock = _scratch("delta", (k, cols), np.float32) if per_row is not None else None
+    nonfinite = False
     with np.errstate(over="ignore", invalid="ignore"):
-        out = base + delta.astype(base.dtype, copy=False)
-    return np.ascontiguousarray(from_float(out, dtype)).view(np.uint8).reshape(raw.shape)
+        for r0 in range(0, n, k):
+            r1 = min(n, r0 + k)
+            a = acc[: r1 - r0]
+            if dtype == "BF16":  # bf16 bits << 16 are the float32 bits of the same value
+                np.left_shift(elems[r0:r1], 16, out=a, dtype=np.uint32)
+                f = a.view(np.float32)
+            else:
+                np.copyto(a, elems[r0:r1])
+                f = a
+            if delta is not None:
+                if not np.isfinite(delta[r0:r1]).all():  # NaN payloads could carry in the rounding below
+                    new, bad = _add_reference(elems[r0:r1], delta[r0:r1], dtype, (r1 - r0, raw.shape[1]))
+                    out[r0:r1] = new
+                    nonfinite = nonfinite or bad
+                    continue
+                np.add(f, delta[r0:r1], out=f)
+            elif per_row is not None:
+                d = dblock[: r1 - r0]
+                np.multiply(per_row[r0:r1, None], direction[None, :], out=d)
+                np.add(f, d, out=f)
+            else:
+                np.add(f, delta_row, out=f)
+            o = out_elems[r0:r1]
+            if dtype == "BF16":
+                # round to nearest even: add 0x7FFF plus the lowest kept bit, keep the high 16 bits.
+                # With finite deltas a NaN sum comes only from a NaN in the base, whose low 16 bits
+                # are zero, so it cannot carry out of the word: it stays NaN or becomes inf, and the
+                # block is then redone by `from_float`, which keeps NaNs NaN.
+                t = tmp[: r1 - r0]
+                np.right_shift(a, 16, out=t)
+                np.bitwise_and(t, 1, out=t)
+                np.add(a, t, out=a)
+                np.add(a, 0x7FFF, out=a)
+                np.copyto(o, a.view(np.uint16)[:, _HIGH_HALF::2])
+                exp = t.view(np.uint16)[:, : cols]  # reuse the scratch for the exponent bits
+                np.bitwise_and(o, 0x7F80, out=exp)
+                if exp.max() == 0x7F80:
+                    nonfinite = True
+                    o[...] = from_float(to_float(elems[r0:r1], dtype) + _block_delta(delta, per_row, direction, delta_row, r0, r1), dtype)
+            else:
+                if dtype == "F16":
+                    np.copyto(o, f, casting="unsafe")
+                else:
+                    np.copyto(o, f, casting="same_kind")
+                if not nonfinite and not np.isfinite(o).all():
+                    nonfinite = True
+    return out, nonfinite
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, shape: tuple[int, int], dtype) -> np.ndarray:
+    """A scratch array of this thread, reused from call to call (about 3 blocks' worth per thread)."""
+    size = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = cache.get(key)
+    if buf is None or buf.size < size:
+        buf = cache[key] = np.empty(max(size, BLOCK_ELEMENTS * 4), dtype=np.uint8)
+    return buf[:size].view(dtype).reshape(shape)
+
+
+def _add_reference(elems: np.ndarray, delta: np.ndarray, dtype: str, shape) -> tuple[np.ndarray, bool]:
+    """The plain whole-array computation, for inputs with NaN or inf deltas."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        base = to_float(elems, dtype)
+        new = np.ascontiguousarray(from_float(base + delta.astype(base.dtype, copy=False), dtype))
+    return new.view(np.uint8).reshape(shape), not bool(is_finite(new, dtype).all())
+
+
+def _block_delta(delta, per_row, direction, delta_row, r0, r1):
+    if delta is not None:
+        return delta[r0:r1].astype(np.float32)
+    if per_row is not None:
+        return per_row[r0:r1, None] * direction[None, :]
+    return delta_row
 
 
 def sub_delta(raw: np.ndarray, delta: np.ndarray, dtype: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .dtypes import FLOAT_DTYPES, STORAGE, add_delta, from_float, to_float
+from .dtypes import FLOAT_DTYPES, STORAGE, add_to_rows, from_float, is_finite, to_float
 from .errors import PatchFormatError
 from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
 
@@ -34,7 +34,7 @@ def layer_of(name: str) -> int | None:
 
 def rows_hash(raw_rows: np.ndarray) -> str:
     """Fingerprint of rows' bytes: sha256 over the rows concatenated in index order."""
-    return hashlib.sha256(np.ascontiguousarray(raw_rows).tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(np.ascontiguousarray(raw_rows)).cast("B")).hexdigest()
 
 
 def n_rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -90,9 +90,16 @@ class TensorEdit:
 
     def new_rows(self, old_raw: np.ndarray) -> np.ndarray:
         """Raw bytes of the edited rows, given the raw bytes of the rows before the edit."""
+        return self.new_rows_checked(old_raw)[0]
+
+    def new_rows_checked(self, old_raw: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(raw bytes of the edited rows, whether any of their elements is inf or NaN)."""
         if self.encoding == "replace":
-            return np.ascontiguousarray(self.values).view(np.uint8).reshape(old_raw.shape)
-        return add_delta(old_raw, self.deltas(), self.dtype)
+            new = np.ascontiguousarray(self.values).view(np.uint8).reshape(old_raw.shape)
+            return new, not bool(is_finite(new, self.dtype).all()) if self.dtype in FLOAT_DTYPES else False
+        if self.encoding == "factored":
+            return add_to_rows(old_raw, self.dtype, direction=self.direction, scale=self.scale)
+        return add_to_rows(old_raw, self.dtype, delta=self.delta)
 
     def arrays(self) -> dict[str, tuple[str, np.ndarray]]:
         out = {f"{self.name}::rows": ("I64", self.rows)}

@@ -23,6 +23,7 @@ from .errors import (
 )
 from .format import Patch, rows_hash
 from .fsutil import publish_folder, temp_folder_for
+from .parallel import map_ordered
 from .stfile import row_runs, write_rows
 
 
@@ -56,18 +57,19 @@ class _Overlay:
     def read(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the rows as the plan has left them so far, the rows on disk)."""
         disk = self.read_disk(name, rows)
+        if name not in self.rows:
+            return disk, disk  # neither is ever written to
         out = disk.copy()
-        if name in self.rows:
-            pos = np.searchsorted(self.rows[name], rows)
-            pos = np.minimum(pos, len(self.rows[name]) - 1)
-            hit = self.rows[name][pos] == rows
-            out[hit] = self.raw[name][pos[hit]]
+        pos = np.searchsorted(self.rows[name], rows)
+        pos = np.minimum(pos, len(self.rows[name]) - 1)
+        hit = self.rows[name][pos] == rows
+        out[hit] = self.raw[name][pos[hit]]
         return out, disk
 
     def write(self, name: str, rows: np.ndarray, raw: np.ndarray, disk: np.ndarray) -> None:
         """Record new bytes for `rows`; `disk` is their bytes on disk (from `read`)."""
         if name not in self.rows:
-            self.rows[name], self.raw[name], self.disk[name] = rows.copy(), raw.copy(), disk
+            self.rows[name], self.raw[name], self.disk[name] = rows.copy(), raw, disk
             return
         all_rows = np.union1d(self.rows[name], rows)
         new_raw = np.empty((len(all_rows), raw.shape[1]), dtype=np.uint8)
@@ -119,6 +121,25 @@ class Plan:
 
 
 # ---- planning --------------------------------------------------------------------------------------
+@dataclass
+class _EditedRows:
+    current: np.ndarray  # the rows as earlier patches of the plan left them
+    disk: np.ndarray  # the rows on disk
+    found: str  # hash of `current`
+    new: np.ndarray | None = None  # None when the rows did not match and --force was not given
+    nonfinite: bool = False
+    after: str | None = None
+
+
+def _edit_rows(overlay: _Overlay, edit, force: bool) -> _EditedRows:
+    current, disk = overlay.read(edit.name, edit.rows)
+    r = _EditedRows(current, disk, rows_hash(current))
+    if r.found == edit.base_sha256 or force:
+        r.new, r.nonfinite = edit.new_rows_checked(current)
+        r.after = rows_hash(r.new)
+    return r
+
+
 def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | None = None) -> Plan:
     """Check every patch against the checkpoint and compute the new rows; writes nothing."""
     ck = _ckpt or Checkpoint(checkpoint)
@@ -139,36 +160,38 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
             )
         forced_here = False
         originals, tensors = {}, {}
-        for name in sorted(patch.edits):
-            edit = patch.edits[name]
-            info = ck.info(name)
+        names = sorted(patch.edits)
+        for name in names:
+            edit, info = patch.edits[name], ck.info(name)
             if tuple(info.shape) != tuple(edit.shape) or info.dtype != edit.dtype:
                 raise BaseMismatchError(
                     f"patch {short(pid)} was made for another base: tensor {name} is {info.dtype} {list(info.shape)} "
                     f"in the checkpoint, {edit.dtype} {list(edit.shape)} in the patch",
                     tensor=name,
                 )
-            current, disk = overlay.read(name, edit.rows)
-            if rows_hash(current) != edit.base_sha256:
+        # Reading, hashing and computing the rows of different tensors is independent: on all cores.
+        # The overlay is only read here; it is written below, in order, once all have finished.
+        for name, r in zip(names, map_ordered(lambda n: _edit_rows(overlay, patch.edits[n], force), names)):
+            edit = patch.edits[name]
+            if r.found != edit.base_sha256:
                 if not force:
                     raise BaseMismatchError(
                         f"patch {short(pid)} was made for another base: the touched rows of tensor {name} differ "
                         "(use --force to add its deltas anyway)",
-                        tensor=name, expected=edit.base_sha256, found=rows_hash(current),
+                        tensor=name, expected=edit.base_sha256, found=r.found,
                     )
                 forced_here = True
-            new = edit.new_rows(current)
-            if edit.encoding != "replace":
-                bad = is_finite(current, edit.dtype) & ~is_finite(new, edit.dtype)
+            if r.nonfinite and edit.encoding != "replace":
+                bad = is_finite(r.current, edit.dtype) & ~is_finite(r.new, edit.dtype)
                 if bad.any():
-                    r = int(edit.rows[np.argwhere(bad)[0][0]])
+                    row = int(edit.rows[np.argwhere(bad)[0][0]])
                     raise NonFiniteError(
-                        f"patch {short(pid)} would overflow tensor {name} to inf at row {r}; nothing was written",
-                        tensor=name, row=r,
+                        f"patch {short(pid)} would overflow tensor {name} to inf at row {row}; nothing was written",
+                        tensor=name, row=row,
                     )
-            originals[name] = (edit.rows, current)
-            tensors[name] = {"rows": edit.n_rows, "after_sha256": rows_hash(new)}
-            overlay.write(name, edit.rows, new, disk)
+            originals[name] = (edit.rows, r.current)
+            tensors[name] = {"rows": edit.n_rows, "after_sha256": r.after}
+            overlay.write(name, edit.rows, r.new, r.disk)
         if forced_here:
             plan.forced.append(pid)
         plan.undo[pid] = originals
@@ -312,7 +335,9 @@ def _write_in_place(plan: Plan, fsync: bool = False) -> None:
     by_file: dict[Path, list[str]] = {}
     for name in plan.overlay.rows:
         by_file.setdefault(ck.info(name).file, []).append(name)
-    for path, names in sorted(by_file.items()):
+
+    def write_file(item: tuple[Path, list[str]]) -> None:
+        path, names = item
         with open(path, "r+b") as f:
             for name in sorted(names):
                 write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
@@ -320,11 +345,19 @@ def _write_in_place(plan: Plan, fsync: bool = False) -> None:
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+
+    # Writes to one file are serialised by the kernel; different files are written side by side.
+    map_ordered(write_file, sorted(by_file.items()))
     st.crashpoint("after-write")
     st.save_state(ck.path, plan.state_after, fsync=fsync)
     st.crashpoint("after-state")
     st.clear_journal(ck.path, fsync=fsync)
     st.collect_garbage(ck.path)
+
+
+def _copy_file(pair: tuple[Path, Path]) -> None:
+    shutil.copyfile(*pair)
+    shutil.copymode(*pair)
 
 
 def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None:
@@ -333,6 +366,7 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
     weight_files = {ck.path / f for f in ck.files}
     tmp = temp_folder_for(output)
     try:
+        copies = []
         for root, dirs, files in os.walk(ck.path):
             rootp = Path(root)
             dirs[:] = sorted(d for d in dirs if not (rootp == ck.path and d == st.STATE_DIR))
@@ -343,8 +377,11 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
                 if link and src in weight_files and src not in touched:
                     os.link(src, dest / fname)
                 else:
-                    shutil.copyfile(src, dest / fname)
-                    shutil.copymode(src, dest / fname)
+                    copies.append((src, dest / fname))
+        # The kernel copies (sendfile), so copies of different files go side by side on all cores;
+        # biggest first, so that a small file does not end up alone at the end.
+        copies.sort(key=lambda c: -c[0].stat().st_size)
+        map_ordered(_copy_file, copies)
         st.crashpoint("output-copied")
         for path in sorted(touched):
             out_file = tmp / path.relative_to(ck.path)

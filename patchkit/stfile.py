@@ -176,19 +176,28 @@ def read_rows(info: TensorInfo, rows: np.ndarray, f=None) -> np.ndarray:
     """Raw bytes of the given sorted rows: uint8 array [len(rows), row_bytes]."""
     rb = info.row_bytes
     out = np.empty((len(rows), rb), dtype=np.uint8)
+    if f is None:
+        with open(info.file, "rb") as fh:
+            return _read_runs(info, rows, out, fh)
+    return _read_runs(info, rows, out, f)
+
+
+def _read_runs(info: TensorInfo, rows: np.ndarray, out: np.ndarray, f) -> np.ndarray:
+    rb, fd = info.row_bytes, f.fileno()
     for first, count, pos in row_runs(rows):
-        data = pread_exact(info.file, info.offset + first * rb, count * rb, f)
-        out[pos : pos + count] = np.frombuffer(data, dtype=np.uint8).reshape(count, rb)
+        got = os.preadv(fd, [out[pos : pos + count]], info.offset + first * rb)  # straight into the array
+        if got != count * rb:
+            raise STFormatError(f"{info.file}: short read at byte {info.offset + first * rb}")
     return out
 
 
 def write_rows(info: TensorInfo, rows: np.ndarray, data: np.ndarray, f) -> None:
     """Write raw row bytes in place through the writable file object `f` opened on info.file."""
-    rb = info.row_bytes
+    rb, fd = info.row_bytes, f.fileno()
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(len(rows), rb)
     for first, count, pos in row_runs(rows):
-        chunk = np.ascontiguousarray(data[pos : pos + count]).tobytes()
-        written = os.pwrite(f.fileno(), chunk, info.offset + first * rb)
-        if written != len(chunk):
+        written = os.pwrite(fd, data[pos : pos + count], info.offset + first * rb)
+        if written != count * rb:
             raise OSError(f"short write to {info.file}")
 
 

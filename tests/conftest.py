@@ -146,7 +146,7 @@ def run_cli_subprocess(args: list[str], env_extra: dict | None = None, **kw) -> 
     env.pop("PATCHKIT_CRASH_AT", None)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-c", "from patchkit.cli import main; main()", *map(str, args)],
+        [sys.executable, "-m", "patchkit", *map(str, args)],  # the console script's own entry point
         env=env, capture_output=True, text=True, timeout=120, **kw,
     )
 

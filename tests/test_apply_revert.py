@@ -381,3 +381,17 @@ def test_in_place_write_never_reaches_a_symlink_target(ckpts, tmp_path, make_pat
     assert_tensors_bitequal(load_tensors(ck), reference_apply(load_tensors(src), Patch.load(p)))
     ops.revert(p, ck, in_place=True)
     assert (ck / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_thread_count_does_not_change_a_single_byte(ckpts, make_patch, tmp_path, monkeypatch, sharded):
+    """Planning and writing run per tensor / per file on several threads: one thread gives the same files."""
+    ck = ckpts[("bf16", sharded)]
+    patch = make_patch(ck, rows_per=40)
+    outs = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("PATCHKIT_THREADS", threads)
+        out = tmp_path / f"out-{threads}"
+        ops.apply(patch, ck, out)
+        outs[threads] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert outs["1"] == outs["4"]

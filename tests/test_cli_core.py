@@ -143,3 +143,38 @@ def test_status_does_not_import_torch(ckpts, make_patch, tmp_path):
 def test_import_patchkit_does_not_import_torch():
     code = "import sys, patchkit, patchkit.format, patchkit.ops, patchkit.diffing; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# ---- the console script's quick exit ---------------------------------------------------------------
+def _run_entry(code: str, tmp_path, *args):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+
+
+def test_console_entry_exit_codes_and_output(ckpts, make_patch, tmp_path):
+    ck = ckpts[("bf16", False)]
+    path = make_patch(ck)
+    r = subprocess.run([sys.executable, "-m", "patchkit", "inspect", path, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == Patch.load(path).id  # the whole object, flushed
+    r = subprocess.run([sys.executable, "-m", "patchkit", "inspect", tmp_path / "missing.safetensors"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "patchkit", "--no-such-option"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "No such option" in r.stderr
+
+
+def test_console_entry_runs_exit_handlers_and_waits_for_threads(tmp_path):
+    code = (
+        "import atexit, sys, threading, time, pathlib\n"
+        "atexit.register(lambda: pathlib.Path('atexit-ran').write_text('yes'))\n"
+        "def late():\n"
+        "    time.sleep(0.3); pathlib.Path('thread-finished').write_text('yes')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.argv = ['patchkit', '--version']\n"
+        "from patchkit.cli import run\n"
+        "run()\n"
+    )
+    r = _run_entry(code, tmp_path)
+    assert r.returncode == 0 and "0.1.0" in r.stdout
+    assert (tmp_path / "atexit-ran").read_text() == "yes"
+    assert (tmp_path / "thread-finished").read_text() == "yes"  # not cut short by the quick exit

@@ -137,3 +137,98 @@ def test_ulp():
     assert ulp(np.array([1.0]), "F32")[0] == 2.0**-23
     assert ulp(np.array([0.0]), "BF16")[0] == 2.0**-133  # smallest bf16 subnormal spacing
     assert ulp(np.array([-3.0]), "F16")[0] == 2.0**-9
+
+
+# ---- the blocked kernel against the whole-array reference --------------------------------------------
+def reference_add(raw: np.ndarray, delta: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
+    from patchkit.dtypes import is_finite
+
+    with np.errstate(all="ignore"):
+        base = to_float(raw, dtype)
+        new = np.ascontiguousarray(from_float(base + delta.astype(base.dtype), dtype))
+    return new.view(np.uint8).reshape(raw.shape), not bool(is_finite(new, dtype).all())
+
+
+def random_bits(rng, dtype: str, n: int) -> np.ndarray:
+    """Every bit pattern is possible, NaNs and infs of both signs included."""
+    width = {"BF16": 16, "F16": 16, "F32": 32, "F64": 64}[dtype]
+    bits = rng.integers(0, 2**63, n, dtype=np.uint64)
+    return bits.astype(INT_VIEW[dtype][1]) if width < 64 else bits | (rng.integers(0, 2, n, dtype=np.uint64) << 63)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+@pytest.mark.parametrize("encoding", ["dense", "per-row", "single"])
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 16])
+def test_add_to_rows_equals_reference(monkeypatch, dtype, encoding, block):
+    from patchkit import dtypes
+
+    monkeypatch.setattr(dtypes, "BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(block + len(encoding))
+    rows, cols = 37, 24
+    bits = base_values(dtype, rng, rows * cols)
+    bits[::5] = random_bits(rng, dtype, len(bits[::5]))  # NaN payloads, infs, anything
+    if dtype == "BF16":
+        bits[:256] = np.arange(0x7F80, 0x8000, dtype=np.uint16).tolist() + np.arange(0xFF80, 0x10000, dtype=np.uint16).tolist()
+    raw = bits.view(np.uint8).reshape(rows, -1)
+    direction = (rng.standard_normal(cols) * 0.05).astype(np.float32)
+    direction[:2] = [3e38, -0.0]  # overflow to inf in some rows
+    if encoding == "dense":
+        delta = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        ours = dtypes.add_to_rows(raw, dtype, delta=delta)
+    else:
+        scale = rng.standard_normal(rows if encoding == "per-row" else 1).astype(np.float32)
+        with np.errstate(over="ignore"):
+            delta = np.broadcast_to(scale[:, None] * direction[None, :], (rows, cols))
+        ours = dtypes.add_to_rows(raw, dtype, direction=direction, scale=scale)
+    theirs = reference_add(raw, delta, dtype)
+    assert ours[1] == theirs[1]
+    bad = np.argwhere(ours[0] != theirs[0])
+    assert bad.size == 0, f"{len(bad)} bytes differ, first at {bad[0].tolist()}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=hs.sampled_from(["BF16", "F16", "F32", "F64"]),
+    rows=hs.integers(1, 9), cols=hs.integers(1, 9), block=hs.integers(1, 40), seed=hs.integers(0, 2**32 - 1),
+    magnitude=hs.sampled_from([0.0, 1e-40, 1e-3, 1.0, 1e38]), nan_delta=hs.booleans(),
+)
+def test_add_to_rows_property(dtype, rows, cols, block, seed, magnitude, nan_delta):
+    """Any bits in the base, any block size, even NaN or inf deltas: the same bytes as the reference."""
+    from patchkit import dtypes
+
+    old = dtypes.BLOCK_ELEMENTS
+    dtypes.BLOCK_ELEMENTS = block
+    try:
+        rng = np.random.default_rng(seed)
+        raw = random_bits(rng, dtype, rows * cols).view(np.uint8).reshape(rows, -1)
+        delta = (rng.standard_normal((rows, cols)) * magnitude).astype(np.float32)
+        if nan_delta:
+            delta.reshape(-1)[rng.integers(0, rows * cols)] = np.array([0xFFFFFFFF], np.uint32).view(np.float32)[0]
+        ours = dtypes.add_to_rows(raw, dtype, delta=delta)
+        theirs = reference_add(raw, delta, dtype)
+    finally:
+        dtypes.BLOCK_ELEMENTS = old
+    assert ours[1] == theirs[1]
+    assert np.array_equal(ours[0], theirs[0])
+
+
+@pytest.mark.parametrize("block", [5, 1 << 16])
+def test_add_to_rows_rounds_exact_ties_to_even(monkeypatch, block):
+    """Sums that fall exactly halfway between two bf16 values (and one float32 ulp either side)."""
+    from patchkit import dtypes
+
+    monkeypatch.setattr(dtypes, "BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(11)
+    rows, cols = 16, 64
+    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32)).to(torch.bfloat16)
+    wf = w.float().numpy()
+    half_ulp = np.ldexp(np.float32(1), (np.frexp(wf)[1] - 9).astype(np.int32)).astype(np.float32)
+    k = rng.choice(np.array([1, 3, -1, -3, 5], dtype=np.float32), size=(rows, cols))
+    delta = (k * half_ulp).astype(np.float32)
+    nudge = rng.integers(-1, 2, size=(rows, cols)).astype(np.int32)  # one float32 ulp below, at, above the tie
+    delta = (delta.view(np.int32) + nudge * (delta != 0)).view(np.float32)
+    raw = torch_bits(w, "BF16").view(np.uint8).reshape(rows, -1)
+    ours = dtypes.add_to_rows(raw, "BF16", delta=delta)[0].view(np.uint16)
+    theirs = torch_bits((w.float() + torch.from_numpy(delta)).to(torch.bfloat16), "BF16")
+    assert (nudge == 0).sum() > 100  # plenty of exact ties
+    assert np.array_equal(ours.reshape(rows, cols), theirs.reshape(rows, cols))
