@@ -380,7 +380,8 @@ def run() -> None:
 
     Runs `main`, then ends the process without tearing the interpreter down: freeing every object
     and module one by one takes longer than a fast command itself (about 20 ms after an apply).
-    Output is flushed and exit handlers run first; with threads still running, it exits normally.
+    Output is flushed and exit handlers run first; with threads still running, or under a tracer or
+    profiler, it exits normally.
     """
     try:
         main()
@@ -391,7 +392,8 @@ def run() -> None:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    others = any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+    if others or sys.gettrace() is not None or sys.getprofile() is not None:  # a profiler reports at exit
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -24,7 +24,7 @@ from .errors import (
 from .format import Patch, rows_hash
 from .fsutil import publish_folder, temp_folder_for
 from .parallel import map_ordered
-from .stfile import row_runs, write_rows
+from .stfile import write_rows
 
 
 
@@ -233,9 +233,15 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
                         f"patch {short(later.id)}, applied later, edits the same rows of {name}: revert it first",
                         later=later.id, tensor=name,
                     )
-        for name, (rows, orig) in sorted(undo.items()):
-            current = overlay.read_disk(name, rows)
-            if rows_hash(current) != rec.tensors[name]["after_sha256"] and not force:
+        names = sorted(undo)
+
+        def read_and_hash(name: str) -> tuple[np.ndarray, str]:
+            current = overlay.read_disk(name, undo[name][0])
+            return current, rows_hash(current)
+
+        for name, (current, found) in zip(names, map_ordered(read_and_hash, names)):
+            rows, orig = undo[name]
+            if found != rec.tensors[name]["after_sha256"] and not force:
                 raise StateError(
                     f"rows of tensor {name} changed after patch {short(rec.id)} was applied; "
                     "--force restores the recorded original bytes anyway",
@@ -323,14 +329,8 @@ def _write_in_place(plan: Plan, fsync: bool = False) -> None:
     if plan.action == "apply":
         st.write_journal(ck.path, before, undo_ids=list(plan.undo), fsync=fsync)
     else:
-        ranges = []
-        for name in sorted(plan.overlay.rows):
-            info = ck.info(name)
-            rel = str(info.file.relative_to(ck.path))
-            rows, disk = plan.overlay.rows[name], plan.overlay.disk[name]
-            for first, count, pos in row_runs(rows):
-                ranges.append((rel, info.offset + first * info.row_bytes, disk[pos : pos + count].tobytes()))
-        st.write_journal(ck.path, before, ranges=ranges, fsync=fsync)
+        rows = {name: (plan.overlay.rows[name], plan.overlay.disk[name]) for name in sorted(plan.overlay.rows)}
+        st.write_journal(ck.path, before, rows=rows, fsync=fsync)
     st.crashpoint("after-journal")
     by_file: dict[Path, list[str]] = {}
     for name in plan.overlay.rows:

@@ -6,8 +6,8 @@ Layout inside a checkpoint folder (absent when nothing is applied):
     .patchkit/undo/<patch id>.safetensors   the original bytes of the rows each patch touched
     .patchkit/journal.safetensors        present only while an in-place write is under way
 
-An in-place write goes: undo record, then journal (the current bytes of every range about to be
-written, and the state before), then the bytes, then the new state, then the journal is removed.
+An in-place write goes: undo record, then journal (what puts back the rows about to be written,
+and the state before), then the bytes, then the new state, then the journal is removed.
 Any command that finds a journal rolls the checkpoint back to the state before, byte for byte.
 A lock (flock on the checkpoint folder itself, so no file is left behind) keeps writers apart.
 """
@@ -110,16 +110,19 @@ def read_undo(ckpt_path: Path, patch_id: str) -> dict[str, tuple[np.ndarray, np.
     if not p.exists():
         return None
     try:
-        header = read_header(p)
-        arrays = {n: read_tensor(i) for n, i in header.tensors.items()}
-    except (STFormatError, OSError) as e:
+        return _read_row_arrays(p, read_header(p), "::orig")
+    except (STFormatError, OSError, KeyError) as e:
         raise CheckpointError(f"undo record {p} is damaged ({e})") from None
-    out = {}
-    for key in arrays:
-        if key.endswith("::rows"):
-            name = key[: -len("::rows")]
-            out[name] = (arrays[key], arrays[f"{name}::orig"])
-    return out
+
+
+def _read_row_arrays(path: Path, header, suffix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """NAME::rows and NAME<suffix> arrays of a safetensors file -> name -> (rows, raw bytes)."""
+    with open(path, "rb") as f:
+        arrays = {n: read_tensor(i, f) for n, i in header.tensors.items()}
+    return {
+        key[: -len("::rows")]: (arrays[key], arrays[key[: -len("::rows")] + suffix])
+        for key in arrays if key.endswith("::rows")
+    }
 
 
 def collect_garbage(ckpt_path: Path) -> None:
@@ -159,22 +162,23 @@ def locked(ckpt_path: Path, exclusive: bool = True):
 
 
 # ---- journal -------------------------------------------------------------------------------------
-# An in-place write is journaled in one of two ways, both small:
+# An in-place write is journaled in one of two ways, both no bigger than the rows written:
 # - "undo": apply. The undo records of the patches (written whole before the journal) hold the bytes
 #   to put back; recovery writes them back, newest patch first, and restores the state before.
-# - "bytes": revert. The journal holds the current bytes of every range about to be overwritten;
-#   recovery writes them back and restores the state before.
+# - "rows": revert. The journal holds, per tensor, the rows about to be overwritten and their current
+#   bytes; recovery writes them back and restores the state before.
 def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] | None = None,
-                  ranges: list[tuple[str, int, bytes]] | None = None, fsync: bool = True) -> None:
-    """undo_ids: patches whose undo records roll the write back; or ranges: (weight file relative to
-    the checkpoint, byte offset, current bytes there)."""
-    ranges = ranges or []
-    arrays = {f"r{i:08d}": ("U8", np.frombuffer(data, dtype=np.uint8)) for i, (_, _, data) in enumerate(ranges)}
+                  rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, fsync: bool = True) -> None:
+    """undo_ids: patches whose undo records roll the write back; or rows: tensor name -> (row
+    indices, their current bytes uint8 [n, row_bytes])."""
+    arrays = {}
+    for name, (idx, raw) in (rows or {}).items():
+        arrays[f"{name}::rows"] = ("I64", idx)
+        arrays[f"{name}::bytes"] = ("U8", raw)
     meta = {
         "format": "patchkit.journal",
-        "mode": "undo" if undo_ids is not None else "bytes",
+        "mode": "undo" if undo_ids is not None else "rows",
         "undo_ids": json.dumps(undo_ids or []),
-        "ranges": json.dumps([[f, off] for f, off, _ in ranges]),
         "state_before": state_before.to_bytes().decode(),
     }
     d = state_dir(ckpt_path)
@@ -200,9 +204,8 @@ def recover(ckpt_path: Path) -> bool:
         return False
     try:
         header = read_header(p)
-        mode = header.metadata.get("mode", "bytes")
+        mode = header.metadata["mode"]
         undo_ids = json.loads(header.metadata.get("undo_ids", "[]"))
-        ranges = json.loads(header.metadata["ranges"])
         before = json.loads(header.metadata["state_before"])
     except (STFormatError, KeyError, json.JSONDecodeError, OSError):
         # The journal is written whole and renamed into place: a damaged one was never committed,
@@ -210,27 +213,21 @@ def recover(ckpt_path: Path) -> bool:
         p.unlink()
         collect_garbage(ckpt_path)
         return True
-    if mode == "undo":
-        from .checkpoint import Checkpoint
+    if mode not in ("undo", "rows"):
+        raise CheckpointError(f"{p} is an unfinished write of a kind this patchkit does not know ({mode}); "
+                              "finish it with the patchkit version that started it")
+    from .checkpoint import Checkpoint
 
-        ck = Checkpoint(ckpt_path)
-        for pid in reversed(undo_ids):
-            for name, (rows, orig) in (read_undo(ckpt_path, pid) or {}).items():
-                info = ck.info(name)
-                with open(info.file, "r+b") as f:
-                    write_rows(info, rows, orig, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+    ck = Checkpoint(ckpt_path)
+    if mode == "undo":
+        records = [read_undo(ckpt_path, pid) or {} for pid in reversed(undo_ids)]
     else:
-        names = sorted(header.tensors)
-        by_file: dict[str, list[tuple[int, bytes]]] = {}
-        with open(p, "rb") as jf:
-            for (rel, off), key in zip(ranges, names):
-                by_file.setdefault(rel, []).append((off, read_tensor(header.tensors[key], jf).tobytes()))
-        for rel, items in by_file.items():
-            with open(Path(ckpt_path) / rel, "r+b") as f:
-                for off, data in items:
-                    os.pwrite(f.fileno(), data, off)
+        records = [_read_row_arrays(p, header, "::bytes")]
+    for record in records:
+        for name, (rows, raw) in record.items():
+            info = ck.info(name)
+            with open(info.file, "r+b") as f:
+                write_rows(info, rows, raw, f)
                 f.flush()
                 os.fsync(f.fileno())
     state = State([AppliedRecord.from_json(r) for r in before["applied"]])

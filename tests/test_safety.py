@@ -331,3 +331,19 @@ def test_crash_applying_overlapping_patches_in_one_pass(point, fsync, ckpts, tmp
     assert r.returncode == -9, (r.returncode, r.stderr)
     assert cli_runner("status", ck).exit_code == 0
     assert snapshot(ck) in (before, after)
+
+
+def test_a_journal_of_an_unknown_kind_is_left_alone_with_a_clear_error(ckpts, tmp_path, cli_runner):
+    """A committed journal may mean weight bytes were written: one this version cannot read is not dropped."""
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpts[("bf16", False)], ck)
+    (ck / ".patchkit").mkdir()
+    meta = {"format": "patchkit.journal", "mode": "from-the-future", "state_before": st.State().to_bytes().decode()}
+    (ck / ".patchkit" / "journal.safetensors").write_bytes(serialize({}, meta))
+    before = snapshot(ck)
+    p = build_patch(ckpts[("bf16", False)]).save(tmp_path / "p.safetensors")
+    for args in (("apply", p, ck, "--in-place"), ("status", ck)):
+        r = cli_runner(*args)
+        assert r.exit_code != 0 and "unfinished write of a kind" in r.output and "Traceback" not in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert snapshot(ck) == before
