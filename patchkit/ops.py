@@ -136,7 +136,10 @@ def _edit_rows(overlay: _Overlay, edit, force: bool) -> _EditedRows:
     r = _EditedRows(current, disk, rows_hash(current))
     if r.found == edit.base_sha256 or force:
         r.new, r.nonfinite = edit.new_rows_checked(current)
-        r.after = rows_hash(r.new)
+        # On the rows it was made for, a patch writes the rows its result_sha256 names (the arithmetic
+        # is deterministic), so they need no second hash; status then checks rows against that claim.
+        matched = r.found == edit.base_sha256 and edit.result_sha256 is not None
+        r.after = edit.result_sha256 if matched else rows_hash(r.new)
     return r
 
 

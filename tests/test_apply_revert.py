@@ -395,3 +395,21 @@ def test_thread_count_does_not_change_a_single_byte(ckpts, make_patch, tmp_path,
         ops.apply(patch, ck, out)
         outs[threads] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert outs["1"] == outs["4"]
+
+
+def test_status_checks_rows_against_what_the_patch_declares(copy_ckpt, tmp_path):
+    """apply records a patch's result_sha256 on the base it was made for; a patch whose declared result
+    is not what it writes is therefore reported as changed right away, instead of passing unnoticed."""
+    ck = copy_ckpt("bf16")
+    good = build_patch(ck, seed=3)
+    bad = build_patch(ck, seed=3, scale=0.07)
+    name = sorted(bad.edits)[0]
+    bad.edits[name].result_sha256 = good.edits[name].result_sha256  # a wrong claim for this tensor
+    ops.apply(good, ck, in_place=True)
+    assert ops.status(ck)["applied"][0]["intact"]
+    ops.revert(good, ck, in_place=True)
+    ops.apply(bad, ck, in_place=True)
+    s = ops.status(ck)["applied"][0]
+    assert not s["intact"] and s["changed_tensors"] == [name]
+    ops.revert(bad, ck, in_place=True, force=True)  # the undo record still restores the original bytes
+    assert ops.status(ck)["applied"] == []
