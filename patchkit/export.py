@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .errors import OutputExistsError, PatchkitError, UnsupportedError
 from .format import Patch, TensorEdit
-from .fsutil import publish_folder, temp_folder_for
+from .fsutil import staged_folder
 from .stfile import serialize
 
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)\.weight$")
@@ -145,15 +144,9 @@ def export_peft(patch, output, *, rank: int | None = None, skip_unsupported: boo
         "inference_mode": True,
     }
     meta = {"format": "pt", "patchkit_patch": patch.id}
-    tmp = temp_folder_for(output)
-    try:
+    with staged_folder(output) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "adapter_model.safetensors").write_bytes(serialize(arrays, meta))
-        publish_folder(tmp, output)
-        tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return {
         "output": str(output), "patch": patch.id, "base_model": config["base_model_name_or_path"], "r": r,
         "modules": modules, "skipped": skipped, "exact": all(m["exact"] for m in modules),

@@ -22,7 +22,7 @@ from .errors import (
     BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchkitError, StateError, UnsupportedError,
 )
 from .format import Patch, rows_hash
-from .fsutil import publish_folder, temp_folder_for
+from .fsutil import staged_folder
 from .parallel import map_ordered
 from .stfile import write_rows
 
@@ -367,8 +367,7 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
     ck = plan.overlay.ckpt
     touched = {ck.info(n).file for n in plan.overlay.rows}
     weight_files = {ck.path / f for f in ck.files}
-    tmp = temp_folder_for(output)
-    try:
+    with staged_folder(output) as tmp:
         copies = []
         for root, dirs, files in os.walk(ck.path):
             rootp = Path(root)
@@ -398,11 +397,6 @@ def _write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
             st.write_undo(tmp, pid, originals)
         st.save_state(tmp, plan.state_after)
         st.collect_garbage(tmp)
-        publish_folder(tmp, output)
-        tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(plan_fn, target, checkpoint, output, in_place, force, link, overwrite, dry_run, fsync=False) -> dict:

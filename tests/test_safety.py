@@ -268,10 +268,36 @@ def test_crash_while_writing_an_output_leaves_no_output(cmd, ckpts, tmp_path):
     assert snapshot(ck) == before
     assert run_cli_subprocess(["status", ck]).returncode == 0
     assert snapshot(ck) == before
-    # a later run is not disturbed by the leftover temporary folder
+    # the killed run left its hidden folder (a whole checkpoint's worth); the next run to that output
+    # removes it, and is not disturbed by it
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(".patchkit-tmp")
     r = run_cli_subprocess([cmd, patch, ck, "-o", out])
     assert r.returncode == 0, r.stderr
     assert out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_folder_another_run_is_still_building_is_left_alone(ckpts, make_patch, tmp_path):
+    import fcntl
+
+    ck = ckpts[("bf16", False)]
+    patch = make_patch(ck)
+    out = tmp_path / "out"
+    busy, dead = tmp_path / ".out.busy.patchkit-tmp", tmp_path / ".out.dead.patchkit-old"
+    for d in (busy, dead):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the run building it holds it
+        ops.apply(patch, ck, out)
+        assert busy.exists() and not dead.exists() and out.exists()
+    finally:
+        os.close(fd)
+    ops.apply(patch, ck, out, overwrite=True)  # its builder has gone: now it is a leftover
+    assert not busy.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
 def test_leftover_undo_record_is_cleaned_by_the_next_command(ckpts, tmp_path, cli_runner):
