@@ -192,7 +192,7 @@ def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsyn
     if push_repo and not dry_run:
         from pathlib import Path
 
-        from .hub import push_checkpoint
+        from .push import push_checkpoint
         from .sources import HUB_ID, resolve_patch
 
         remote = not Path(base_ref).exists() and HUB_ID.match(base_ref)
@@ -352,7 +352,7 @@ def export(patch, fmt, output, rank, skip_unsupported, base_model, overwrite, as
 @json_option
 def push(patch, repo_id, revision, private, create_pr, path_in_repo, token, as_json):
     """Upload PATCH and its model card to the Hub model repo REPO_ID, in one commit."""
-    from .hub import push_patch
+    from .push import push_patch
     from .sources import resolve_patch
 
     r = push_patch(resolve_patch(patch), repo_id, revision=revision, private=private, create_pr=create_pr,

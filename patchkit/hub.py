@@ -1,8 +1,8 @@
-"""The Hugging Face Hub: download patches (`hf://` refs) and base models, push patches and checkpoints.
+"""The Hugging Face Hub: download patches (`hf://` refs) and base models; `patchkit.push` uploads.
 
-The only module of patchkit that talks to the network, always through the `huggingface_hub` client:
-`hf_hub_download` and `snapshot_download` for reads (the usual HF cache, `HF_HUB_OFFLINE`, `HF_TOKEN`),
-`HfApi.create_repo` / `create_commit` for writes (one commit per push).
+With `patchkit.push`, the only modules of patchkit that talk to the network, always through the
+`huggingface_hub` client: `hf_hub_download` and `snapshot_download` for reads (the usual HF cache,
+`HF_HUB_OFFLINE`, `HF_TOKEN`); writes are `HfApi.create_repo` / `create_commit` (one commit per push).
 
 References:
 - patch:  `hf://OWNER/REPO[/PATH][@REVISION]` (PATH defaults to the repo's only patchkit patch)
@@ -17,8 +17,6 @@ Every failure is a `patchkit.errors.HubError` with a one-line message; nothing i
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -28,7 +26,6 @@ from urllib.parse import urlsplit
 
 from .errors import CheckpointError, HubError, PatchFormatError
 from .format import FORMAT_NAME, Patch
-from .fsutil import sha256_file
 
 # Files of a model repo that are always fetched with its weights: config, tokenizer, generation, chat template.
 MODEL_METADATA_PATTERNS = [
@@ -440,161 +437,7 @@ def download_model(ref: str, allow_patterns: list[str] | None = None, token=None
     return folder
 
 
-# ---- push ------------------------------------------------------------------------------------------------
-def _git_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _prepare_push(repo_id: str, token) -> None:
-    _check_repo_id(repo_id, repo_id)
-    if offline():
-        raise HubError("HF_HUB_OFFLINE is set: cannot push; unset it to reach the Hub", repo_id=repo_id)
-    if not reachable():
-        raise HubError(f"network unreachable ({endpoint()}): nothing was pushed", repo_id=repo_id)
-
-
-def _ensure_repo(api, repo_id: str, revision: str | None, private: bool, create_pr: bool, token) -> None:
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-    if revision and revision != "main" and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-
-
-def _remote_files(api, repo_id: str, revision: str | None, token) -> dict:
-    """path -> RepoFile at `revision` ({} when the branch does not exist yet)."""
-    from huggingface_hub import errors as he
-    from huggingface_hub.hf_api import RepoFile
-
-    try:
-        return {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=revision, token=token)
-                if isinstance(f, RepoFile)}
-    except he.RevisionNotFoundError:
-        return {}
-
-
-def push_patch(patch_path, repo_id: str, revision: str | None = None, private: bool = False,
-               create_pr: bool = False, token=None, path_in_repo: str | None = None,
-               commit_message: str | None = None) -> dict:
-    """Upload a patch and its model card to the model repo `repo_id`, in one commit.
-
-    Creates the repo when missing (private if asked; an existing repo keeps its visibility) and the
-    branch `revision` when missing. Uploads exactly two files: the patch (as `path_in_repo`, default its
-    file name) and `README.md` rendered by `card.render_card`. Returns
-    `{"repo", "revision", "commit", "url", "path", "id", "pr_url"}`.
-    """
-    from huggingface_hub import CommitOperationAdd
-
-    from .card import render_card
-
-    patch_path = Path(patch_path)
-    patch = Patch.load(patch_path)
-    name = path_in_repo or (patch_path.name if patch_path.suffix == ".safetensors" else f"{patch_path.stem}.safetensors")
-    if not name.endswith(".safetensors") or name.startswith("/") or ".." in name.split("/"):
-        raise HubError(f"cannot store the patch as {name!r}: give a relative path ending in .safetensors")
-    _prepare_push(repo_id, token)
-    api = _api(token)
-    target = None if create_pr else revision
-    try:
-        _ensure_repo(api, repo_id, revision, private, create_pr, token)
-        remote = _remote_files(api, repo_id, revision, token)
-        others = [p for p in remote if p.endswith(".safetensors") and p != name]
-        card = render_card(patch, repo_id, name, target, explicit_path=bool(others))
-        ops = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(patch_path)),
-            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")),
-        ]
-        info = api.create_commit(
-            repo_id, ops, commit_message=commit_message or f"patchkit: add patch {patch.id[:12]}",
-            commit_description=f"patch id {patch.id}", revision=revision, create_pr=create_pr, token=token,
-        )
-    except HubError:
-        raise
-    except Exception as e:
-        if not _is_hub_exception(e):
-            raise
-        raise hub_error(e, repo_id, revision, action="push") from None
-    ref_rev = target
-    if info.pr_url:  # until the PR is merged, the patch is only at refs/pr/N
-        ref_rev = f"refs/pr/{info.pr_url.rstrip('/').rsplit('/', 1)[-1]}"
-    return {
-        "repo": repo_id, "revision": revision or "main", "commit": info.oid, "url": info.commit_url,
-        "pr_url": info.pr_url, "path": name, "id": patch.id,
-        "ref": _where(repo_id, ref_rev if ref_rev != "main" else None, name if others else None),
-    }
-
-
-def _checkpoint_files(folder: Path) -> list[str]:
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .patchkit state, .cache, .git...
-        for f in sorted(files):
-            if not f.startswith("."):
-                out.append(str((Path(root) / f).relative_to(folder)).replace(os.sep, "/"))
-    return out
-
-
-def push_checkpoint(checkpoint, repo_id: str, patches=(), revision: str | None = None, private: bool = False,
-                    create_pr: bool = False, token=None, base_model: str | None = None,
-                    base_revision: str | None = None, commit_message: str | None = None,
-                    include: list[str] | None = None) -> dict:
-    """Upload a patched checkpoint folder to `repo_id` in one commit, sending only what changed.
-
-    Files whose content the repo already holds at `revision` (same sha256 / LFS oid for weights, same
-    git blob id for the rest) are not uploaded: when the repo holds the base, only the shards the
-    patches touched (and the model card) go up. Hidden files and folders (`.patchkit/`) are skipped;
-    `include` (glob patterns) restricts the files considered. Files of the repo absent locally are left
-    as they are. Returns `{"repo", "revision", "commit", "url", "uploaded", "unchanged"}`.
-    """
-    from huggingface_hub import CommitOperationAdd
-
-    from .card import render_checkpoint_card
-
-    folder = Path(checkpoint)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    patches = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
-    local = [f for f in _checkpoint_files(folder) if f != "README.md"]
-    if include is not None:
-        local = [f for f in local if any(fnmatch.fnmatch(f, pat) for pat in include)]
-    _prepare_push(repo_id, token)
-    api = _api(token)
-    try:
-        _ensure_repo(api, repo_id, revision, private, create_pr, token)
-        remote = _remote_files(api, repo_id, revision, token)
-        uploaded, unchanged, ops = [], [], []
-        for rel in local:
-            path = folder / rel
-            rf = remote.get(rel)
-            same = False
-            if rf is not None and rf.size == path.stat().st_size:
-                if rf.lfs is not None:
-                    same = rf.lfs.sha256 == sha256_file(path)
-                else:
-                    same = rf.blob_id == _git_sha1(path.read_bytes())
-            if same:
-                unchanged.append(rel)
-            else:
-                uploaded.append(rel)
-                ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
-        card = render_checkpoint_card(patches, repo_id, base_model, base_revision)
-        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-        ids = ", ".join(p.id[:12] for p in patches) or "no patch"
-        info = api.create_commit(
-            repo_id, ops, commit_message=commit_message or f"patchkit: checkpoint with {ids}",
-            revision=revision, create_pr=create_pr, token=token,
-        )
-    except HubError:
-        raise
-    except Exception as e:
-        if not _is_hub_exception(e):
-            raise
-        raise hub_error(e, repo_id, revision, action="push") from None
-    return {
-        "repo": repo_id, "revision": revision or "main", "commit": info.oid, "url": info.commit_url,
-        "pr_url": info.pr_url, "uploaded": uploaded + ["README.md"], "unchanged": unchanged,
-    }
-
-
 __all__ = [
-    "download_patch", "download_model", "model_files_for", "resolved_revision", "push_patch", "push_checkpoint",
+    "download_patch", "download_model", "model_files_for", "resolved_revision",
     "parse_patch_ref", "parse_model_ref", "hub_error", "RESOLVED", "MODEL_METADATA_PATTERNS",
 ]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakehub import FakeHub  # noqa: E402
 
 from patchkit import hub as H  # noqa: E402
+from patchkit import push as P  # noqa: E402
 from patchkit.card import render_card  # noqa: E402
 from patchkit.errors import CheckpointError, HubError, PatchFormatError  # noqa: E402
 from patchkit.format import Patch, make_edit  # noqa: E402
@@ -87,7 +88,7 @@ def cache_files(tmp_path: Path) -> list[Path]:
 @pytest.fixture
 def pushed(hub, tmp_path):
     p = make_patch(tmp_path / "calm.safetensors")
-    r = H.push_patch(tmp_path / "calm.safetensors", "me/calm")
+    r = P.push_patch(tmp_path / "calm.safetensors", "me/calm")
     return p, r
 
 
@@ -95,7 +96,7 @@ def pushed(hub, tmp_path):
 def test_push_creates_repo_and_one_commit_with_two_files(hub, tmp_path):
     p = make_patch(tmp_path / "calm.safetensors")
     hub.clear_log()
-    r = H.push_patch(tmp_path / "calm.safetensors", "me/calm")
+    r = P.push_patch(tmp_path / "calm.safetensors", "me/calm")
     repo = hub.repos["me/calm"]
     history = repo.history()
     assert len(history) == 2  # the repo's initial commit (.gitattributes) and the push
@@ -123,13 +124,13 @@ def test_push_creates_repo_and_one_commit_with_two_files(hub, tmp_path):
 
 def test_push_to_existing_repo_new_branch_and_pr(hub, tmp_path, pushed):
     p2 = make_patch(tmp_path / "calm.safetensors", seed=1)
-    r = H.push_patch(tmp_path / "calm.safetensors", "me/calm", revision="v2")
+    r = P.push_patch(tmp_path / "calm.safetensors", "me/calm", revision="v2")
     assert r["revision"] == "v2" and hub.repos["me/calm"].refs["v2"] == r["commit"]
     assert "patchkit apply hf://me/calm@v2 MODEL_DIR" in hub.files("me/calm", "v2")["README.md"].decode()
     assert Patch.load(H.download_patch("hf://me/calm@v2")).id == p2.id
     assert Patch.load(H.download_patch("hf://me/calm")).id == pushed[0].id
 
-    r = H.push_patch(tmp_path / "calm.safetensors", "me/calm", create_pr=True)
+    r = P.push_patch(tmp_path / "calm.safetensors", "me/calm", create_pr=True)
     assert r["pr_url"].endswith("/discussions/1") and r["ref"] == "hf://me/calm@refs/pr/1"
     assert Patch.load(H.download_patch("hf://me/calm@refs/pr/1")).id == p2.id
     assert Patch.load(H.download_patch("hf://me/calm")).id == pushed[0].id  # main untouched
@@ -137,7 +138,7 @@ def test_push_to_existing_repo_new_branch_and_pr(hub, tmp_path, pushed):
 
 def test_push_private_and_card_without_hub_base(hub, tmp_path):
     make_patch(tmp_path / "p.safetensors", base_model="/data/models/local", evaluation={}, provenance={"method": "diff"})
-    H.push_patch(tmp_path / "p.safetensors", "me/secret", private=True)
+    P.push_patch(tmp_path / "p.safetensors", "me/secret", private=True)
     assert hub.repos["me/secret"].private
     fm = front_matter(hub.files("me/secret")["README.md"])
     assert "base_model" not in fm and "license" not in fm and fm["library_name"] == "patchkit"
@@ -147,17 +148,17 @@ def test_push_private_and_card_without_hub_base(hub, tmp_path):
 def test_push_errors(hub, tmp_path, monkeypatch):
     make_patch(tmp_path / "p.safetensors")
     with pytest.raises(HubError, match="permission denied on other/x"):
-        H.push_patch(tmp_path / "p.safetensors", "other/x")
+        P.push_patch(tmp_path / "p.safetensors", "other/x")
     assert "other/x" not in hub.repos
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(HubError, match="rejected the token"):
-        H.push_patch(tmp_path / "p.safetensors", "me/x")
+        P.push_patch(tmp_path / "p.safetensors", "me/x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set: cannot push"):
-        H.push_patch(tmp_path / "p.safetensors", "me/x")
+        P.push_patch(tmp_path / "p.safetensors", "me/x")
     (tmp_path / "bad.safetensors").write_bytes(plain_safetensors())
     with pytest.raises(PatchFormatError, match="not a patchkit patch"):
-        H.push_patch(tmp_path / "bad.safetensors", "me/x")
+        P.push_patch(tmp_path / "bad.safetensors", "me/x")
     assert "me/x" not in hub.repos
 
 
@@ -247,7 +248,7 @@ def test_network_unreachable(hub, tmp_path, pushed, monkeypatch):
     with pytest.raises(HubError, match="network unreachable"):
         H.download_patch("hf://me/other/p.safetensors")
     with pytest.raises(HubError, match="network unreachable .*nothing was pushed"):
-        H.push_patch(tmp_path / "calm.safetensors", "me/calm")
+        P.push_patch(tmp_path / "calm.safetensors", "me/calm")
 
 
 @pytest.mark.parametrize("setup, ref, message", [
@@ -269,7 +270,7 @@ def test_errors(hub, tmp_path, setup, ref, message):
 
 def test_private_repo_needs_a_token(hub, tmp_path, monkeypatch):
     p = make_patch(tmp_path / "p.safetensors")
-    H.push_patch(tmp_path / "p.safetensors", "me/private", private=True)
+    P.push_patch(tmp_path / "p.safetensors", "me/private", private=True)
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf2"))  # no saved login there either
     with pytest.raises(HubError, match=r"repository me/private not found \(or you have no access: set HF_TOKEN\)"):
@@ -382,7 +383,7 @@ def test_push_checkpoint_uploads_only_changed_shards(hub, tmp_path):
         (base / f"model-0000{i}-of-00003.safetensors").write_bytes(plain_safetensors(i))
     (base / "model.safetensors.index.json").write_text("{}")
     (base / "config.json").write_text("{}")
-    r = H.push_checkpoint(base, "me/release")
+    r = P.push_checkpoint(base, "me/release")
     assert sorted(r["uploaded"]) == sorted(["config.json", "model.safetensors.index.json", "README.md"]
                                            + [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)])
     out = tmp_path / "out"
@@ -393,7 +394,7 @@ def test_push_checkpoint_uploads_only_changed_shards(hub, tmp_path):
     (out / ".patchkit").mkdir()
     (out / ".patchkit" / "state.json").write_text("{}")
     p = make_patch(tmp_path / "p.safetensors")
-    r = H.push_checkpoint(out, "me/release", patches=[tmp_path / "p.safetensors"])
+    r = P.push_checkpoint(out, "me/release", patches=[tmp_path / "p.safetensors"])
     assert r["uploaded"] == ["model-00002-of-00003.safetensors", "README.md"]
     last = hub.repos["me/release"].history()[0]
     assert last.added == ["README.md", "model-00002-of-00003.safetensors"]
@@ -462,7 +463,7 @@ def test_cli_push_then_apply_from_hub_and_push_release(hub, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows"] == 3
     # the base is already on the Hub: the release upload sends only the touched shard and the card
-    H.push_checkpoint(base, "me/release")
+    P.push_checkpoint(base, "me/release")
     r = run.invoke(cli, ["apply", "hf://me/fix", str(base), "-o", str(tmp_path / "out"), "--push", "me/release", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -485,7 +486,7 @@ def test_cli_hub_model_ids_for_apply_and_compute(hub, tmp_path):
     from patchkit.probefile import ProbeArrays, write_probe
 
     base = helpers.tiny_llama(tmp_path / "base", torch.bfloat16, sharded=True)
-    H.push_checkpoint(base, "me/tinybase")
+    P.push_checkpoint(base, "me/tinybase")
     ck = Checkpoint(base)
     rng = np.random.default_rng(0)
     probe = ProbeArrays(rng.standard_normal((2, 32)).astype(np.float32), np.zeros(2, np.float32),
@@ -525,7 +526,7 @@ def test_compute_on_a_hub_model_fetches_only_the_target_shards(hub, tmp_path, mo
     ck = Checkpoint(base)
     gate_files = {ck.index[n] for n in ck.index if n.endswith("mlp.gate_proj.weight")}
     assert len(ck.files) > len(gate_files)  # some shards hold no gate_proj: they must not be fetched
-    H.push_checkpoint(base, "me/sharded")
+    P.push_checkpoint(base, "me/sharded")
     data = tmp_path / "d.jsonl"
     bad = [f"{a} {b}" for a in ("hate", "cruel", "awful") for b in ("people", "the group")]
     good = [f"{a} {b}" for a in ("love", "kind", "nice") for b in ("people", "the group")]
