@@ -319,6 +319,26 @@ def rmtree(p: Path) -> None:
         shutil.rmtree(p)
 
 
+def start(args, runs_name: str):
+    """What every benchmark starts with: a log (stderr when --json owns stdout), the work folder, an
+    empty folder for this run's outputs, and the `patchkit` command (None, after saying so, if absent)."""
+    out_stream = sys.stderr if args.json else sys.stdout
+
+    def log(msg=""):
+        print(msg, file=out_stream, flush=True)
+
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    runs = work / runs_name
+    rmtree(runs)
+    runs.mkdir()
+    bindir = Path(sys.executable).parent
+    patchkit_bin = str(bindir / "patchkit") if (bindir / "patchkit").exists() else shutil.which("patchkit")
+    if patchkit_bin is None:
+        log("error: the `patchkit` command is not on PATH (install patchkit first)")
+    return log, work, runs, patchkit_bin
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "patchkit-bench")
@@ -329,21 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-naive", action="store_true", help="skip (a) (slow); the speedup target is then not checked")
     args = ap.parse_args(argv)
 
-    out_stream = sys.stderr if args.json else sys.stdout
-
-    def log(msg=""):
-        print(msg, file=out_stream, flush=True)
-
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    log, work, runs, patchkit_bin = start(args, "runs")
     base = work / "base"
-    runs = work / "runs"
-    rmtree(runs)
-    runs.mkdir()
-    bindir = Path(sys.executable).parent
-    patchkit_bin = str(bindir / "patchkit") if (bindir / "patchkit").exists() else shutil.which("patchkit")
     if patchkit_bin is None:
-        log("error: the `patchkit` command is not on PATH (install patchkit first)")
         return 2
 
     # ---- 1. base checkpoint ---------------------------------------------------------------------

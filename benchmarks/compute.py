@@ -274,21 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-features", action="store_true", help="skip the feature extraction table")
     args = ap.parse_args(argv)
 
-    out_stream = sys.stderr if args.json else sys.stdout
-
-    def log(msg=""):
-        print(msg, file=out_stream, flush=True)
-
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    # "compute-runs", not apply.py's "runs", so that both benchmarks can share a workdir
+    log, work, runs, patchkit_bin = bench_apply.start(args, "compute-runs")
     base = work / "base"
-    runs = work / "compute-runs"  # not apply.py's "runs", so both benchmarks can share a workdir
-    rmtree(runs)
-    runs.mkdir()
-    bindir = Path(sys.executable).parent
-    patchkit_bin = str(bindir / "patchkit") if (bindir / "patchkit").exists() else shutil.which("patchkit")
     if patchkit_bin is None:
-        log("error: the `patchkit` command is not on PATH (install patchkit first)")
         return 2
 
     # ---- 1. base checkpoint -----------------------------------------------------------------------------

@@ -315,8 +315,6 @@ def _seed_model(hub) -> str:
     }
     weight_map = {}
     for name, data in shards.items():
-        from patchkit.stfile import read_header  # noqa: F401
-
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
         weight_map.update({t: name for t in header if t != "__metadata__"})
     files = dict(shards)
