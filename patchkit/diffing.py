@@ -44,10 +44,75 @@ def _edit_for(name, info, rows, old, new) -> TensorEdit:
             for factor in (True, False):
                 edit = make_edit(name, shape, dtype, rows, old, delta=delta, factor=factor)
                 if factor and edit.encoding == "dense":
-                    edit = _loose_factored(name, shape, dtype, rows, old, new, delta) or edit
+                    edit = (_shared_delta(name, shape, dtype, rows, old, new)
+                            or _loose_factored(name, shape, dtype, rows, old, new, delta) or edit)
                 if np.array_equal(edit.new_rows(old), new):
                     return edit
     return make_edit(name, shape, dtype, rows, old, values=elems.copy())
+
+
+def _rounding_bounds(raw: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, low, high) in float64 for each element: the values that round to it in `dtype` lie
+    between low and high, half-way to its neighbours (whether the half-way points themselves do
+    depends on ties to even; callers check the result exactly). NaN where it is not finite."""
+    elems = np.ascontiguousarray(raw).view(STORAGE[dtype])
+    if dtype == "BF16":  # no numpy bf16: neighbours by the bits (sign and magnitude)
+        bits = elems.astype(np.int64)
+        neg, mag = bits >= 0x8000, bits & 0x7FFF
+        up = np.where(neg, np.where(mag == 0, 0x0001, bits - 1), bits + 1)
+        down = np.where(neg, bits + 1, np.where(mag == 0, 0x8001, bits - 1))
+        as_f = lambda b: ((b.astype(np.uint32) & 0xFFFF) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+        y, y_up, y_down = as_f(bits), as_f(up), as_f(down)
+    else:
+        native = elems
+        y = native.astype(np.float64)
+        y_up = np.nextafter(native, np.array(np.inf, dtype=native.dtype)).astype(np.float64)
+        y_down = np.nextafter(native, np.array(-np.inf, dtype=native.dtype)).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # past the largest finite value, the rounding interval is as wide as below it
+        y_up = np.where(np.isinf(y_up) & np.isfinite(y), 2 * y - y_down, y_up)
+        y_down = np.where(np.isinf(y_down) & np.isfinite(y), 2 * y - y_up, y_down)
+        bad = ~np.isfinite(y)
+        lo, hi = (y + y_down) / 2, (y + y_up) / 2
+    y[bad] = lo[bad] = hi[bad] = np.nan
+    return y, lo, hi
+
+
+def _shared_delta(name, shape, dtype, rows, old, new) -> TensorEdit | None:
+    """A factored edit adding one float32 vector to every changed row, found through the rounding.
+
+    An edit made as `w + alpha * v` on some rows (the paper's) and saved in bf16 or fp16 diffs to
+    deltas that differ from row to row by rounding. For each column, the value added must lie in
+    the intersection over the rows of the intervals that round each base value to its edited one;
+    when every column's intersection holds a float32, its middle is a vector that reproduces the
+    edited bytes (checked by the caller's exact comparison), stored as direction with scale [1].
+    """
+    if dtype not in ("BF16", "F16", "F32"):
+        return None
+    w = _rounding_bounds(old, dtype)[0]
+    _, lo, hi = _rounding_bounds(new, dtype)
+    with np.errstate(invalid="ignore"):
+        low = np.max(lo - w, axis=0)
+        high = np.min(hi - w, axis=0)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
+        return None
+    # the float32 nearest the middle, or a neighbour of it when the intersection is narrower than
+    # the float32 spacing there (fp32 checkpoints: the intervals are one float32 ulp wide)
+    mid = ((low + high) / 2).astype(np.float32)
+    v = np.full(mid.shape, np.nan, dtype=np.float32)
+    for c in (np.nextafter(mid, np.float32(-np.inf)), np.nextafter(mid, np.float32(np.inf)), mid):  # last wins
+        v = np.where((c >= low) & (c <= high), c, v)
+    if np.any(np.isnan(v)):
+        return None
+    edit = TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=v, scale=np.ones(1, np.float32))
+    try:
+        edit.validate()
+    except PatchkitError:
+        return None
+    if not np.array_equal(edit.new_rows(old), new):
+        return None
+    edit.result_sha256 = rows_hash(new)
+    return edit
 
 
 def _loose_factored(name, shape, dtype, rows, old, new, delta):

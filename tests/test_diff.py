@@ -79,9 +79,10 @@ def test_diff_then_apply_reproduces_edited(variant, ckpts, tmp_path, cli_runner)
         assert patch.edits["lm_head.weight"].encoding == "replace"
     assert {n: e.n_rows for n, e in patch.edits.items()} == expected_tensors
     assert patch.edits["model.layers.2.post_attention_layernorm.weight"].encoding == "replace"  # inf delta
-    # (w + alpha*v rounded to bf16/fp16 diffs to deltas that are only nearly multiples of v: the
-    # encoding may be factored or dense; either way it must reproduce the bytes, checked below)
-    assert patch.edits["model.layers.0.mlp.gate_proj.weight"].encoding in ("factored", "dense")
+    # w + alpha*v rounded to bf16/fp16 diffs to deltas that differ from row to row by rounding; diff
+    # still finds one vector that reproduces every row: a factored edit with one scale, not dense
+    gate = patch.edits["model.layers.0.mlp.gate_proj.weight"]
+    assert gate.encoding == "factored" and len(gate.scale) == 1
     ops.apply(tmp_path / "d.safetensors", base, tmp_path / "out")
     assert_tensors_bitequal(load_tensors(tmp_path / "out"), load_tensors(edited))
     assert snapshot(base) == before
@@ -188,3 +189,41 @@ def test_diff_output_exists(ckpts, tmp_path, cli_runner):
     r = cli_runner("diff", base, edited, "-o", out, "--overwrite", "--full")
     assert r.exit_code == 0, r.output
     assert Patch.load(out).rows > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype):
+    """The paper's edit, made the naive way (float32 add, rounded once), on many rows and with weights
+    of every magnitude: the diff is a small factored patch, and applying it gives the edited bytes."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 96, generator=gen) * torch.logspace(-6, 0, 96)  # columns from 1e-6 to 1
+    w = w.to(dtype)
+    rows = torch.randperm(512, generator=gen)[:200].sort().values
+    v = (torch.randn(96, generator=gen) * 0.02).float()
+    edited = w.clone()
+    edited[rows] = (w[rows].float() + 1.08 * v).to(dtype)
+    base_dir, ed_dir = tmp_path / "base", tmp_path / "edited"
+    for d, t in ((base_dir, w), (ed_dir, edited)):
+        d.mkdir()
+        save_file({"model.layers.0.mlp.gate_proj.weight": t.contiguous()}, d / "model.safetensors", metadata={"format": "pt"})
+    p = diff(base_dir, ed_dir, tmp_path / "p.safetensors")
+    e = p.edits["model.layers.0.mlp.gate_proj.weight"]
+    assert e.encoding == "factored" and len(e.scale) == 1
+    assert (tmp_path / "p.safetensors").stat().st_size < 20_000  # a dense float32 patch would be ~77 KB
+    ops.apply(tmp_path / "p.safetensors", base_dir, tmp_path / "out")
+    assert_tensors_bitequal(load_tensors(tmp_path / "out"), load_tensors(ed_dir))
+
+
+def test_diff_of_rows_with_different_deltas_stays_exact(tmp_path):
+    """Rows that got different vectors have no shared delta: the diff falls back and is still exact."""
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(64, 32, generator=gen) * 0.02).to(torch.bfloat16)
+    edited = w.clone()
+    edited[:8] = (w[:8].float() + torch.randn(8, 32, generator=gen) * 0.01).to(torch.bfloat16)
+    for d, t in ((tmp_path / "a", w), (tmp_path / "b", edited)):
+        d.mkdir()
+        save_file({"lm_head.weight": t.contiguous()}, d / "model.safetensors", metadata={"format": "pt"})
+    p = diff(tmp_path / "a", tmp_path / "b", tmp_path / "p.safetensors")
+    assert p.edits["lm_head.weight"].encoding == "dense"
+    ops.apply(tmp_path / "p.safetensors", tmp_path / "a", tmp_path / "out")
+    assert_tensors_bitequal(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "b"))
