@@ -1,8 +1,10 @@
 """diff: a patch from two checkpoints of the same model, streamed tensor by tensor.
 
 The patch reproduces the edited checkpoint bit for bit when applied to the base: rows are stored
-as float32 deltas (factored when every row is a multiple of one vector) when adding them back
-gives exactly the edited bytes, and as replacement values in the tensor's dtype otherwise.
+as float32 deltas when adding them back gives exactly the edited bytes, and as replacement values
+in the tensor's dtype otherwise. The deltas are factored (one vector, scaled per row or not) when
+one vector reproduces every row: exactly, or through the rounding of the checkpoint's dtype, which
+is how an edit `w + alpha * v` saved in bf16 comes back as the small patch that made it.
 """
 
 from __future__ import annotations
