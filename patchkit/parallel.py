@@ -4,6 +4,7 @@ loops all release the GIL, so plain threads are enough and nothing is copied bet
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Callable, Iterable, TypeVar
 
@@ -33,27 +34,32 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], threads: int | None = 
     if n <= 1:
         return [fn(x) for x in items]
     results: list = [None] * len(items)
-    errors: list[BaseException | None] = [None] * len(items)
+    errors: list[Exception | None] = [None] * len(items)
     order = iter(range(len(items)))
     lock = threading.Lock()
+    stop = threading.Event()
 
     def run() -> None:
-        while True:
+        while not stop.is_set():
             with lock:
                 i = next(order, None)
             if i is None:
                 return
             try:
                 results[i] = fn(items[i])
-            except BaseException as e:  # re-raised in the caller's thread below
+            except Exception as e:  # re-raised in the caller's thread below
                 errors[i] = e
 
     helpers = [threading.Thread(target=run, daemon=True) for _ in range(n - 1)]
     for t in helpers:
         t.start()
-    run()
-    for t in helpers:
-        t.join()
+    try:
+        run()
+    finally:  # on Ctrl-C (raised in this thread), the helpers take no new item and finish the one they hold
+        if sys.exc_info()[0] is not None:
+            stop.set()
+        for t in helpers:
+            t.join()
     for e in errors:
         if e is not None:
             raise e

@@ -46,3 +46,18 @@ def test_workers_follows_the_environment(monkeypatch):
     assert workers() == 3
     monkeypatch.setenv("PATCHKIT_THREADS", "zero")
     assert 1 <= workers() <= 8
+
+
+def test_an_interrupt_in_the_calling_thread_stops_taking_new_items():
+    """Ctrl-C reaches the main thread: it propagates at once, and the helpers take no new item."""
+    done = []
+
+    def f(x):
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        time.sleep(0.01)
+        done.append(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        map_ordered(f, range(200), 2)
+    assert len(done) < 50
