@@ -130,3 +130,35 @@ def test_conv1d_weights_are_named_not_exported(tmp_path):
     assert "Conv1D" in unsupported_reason(conv)
     linear = make_edit("model.layers.0.mlp.gate_proj.weight", (4, 16), "F32", np.arange(3), raw, delta=delta)
     assert unsupported_reason(linear) is None
+
+
+def test_a_column_edit_exports_and_merges_to_the_patched_weights(ckpts, tmp_path):
+    """An axis-1 edit (neurons along columns: every row changes at the chosen columns) is stored as a
+    factored edit over all rows; as LoRA it is B = per-row scale, A = the columns' indicator, and
+    PEFT's merge gives exactly the weights apply writes."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from patchkit.checkpoint import Checkpoint
+    from patchkit.compute import target_edit
+    from patchkit.format import Patch
+    from patchkit.targets import Layout
+
+    base = ckpts[("bf16", False)]
+    name = "model.layers.1.mlp.down_proj.weight"
+    info = Checkpoint(base).info(name)
+    lay = Layout(tuple(info.shape), axis=1)
+    vector = np.random.default_rng(2).standard_normal(lay.inputs).astype(np.float32) * 0.3
+    edit = target_edit(info, lay, np.array([3, 10, 11], dtype=np.int64), vector, alpha=1.08)
+    assert edit.encoding == "factored" and edit.n_rows == info.shape[0]
+    patch = Patch(edits={name: edit})
+    ops.apply([patch], base, tmp_path / "patched")
+    r = export_peft(patch, tmp_path / "lora")
+    assert r["exact"] and r["modules"][0]["rank"] == 1
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    merged = peft.PeftModel.from_pretrained(plain, tmp_path / "lora").merge_and_unload()
+    got, want = merged.state_dict()[name], load_tensors(tmp_path / "patched")[name]
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    before = load_tensors(base)[name]
+    changed = (got != before).any(dim=0).nonzero().flatten().tolist()
+    assert changed == [3, 10, 11]  # only the chosen columns moved
