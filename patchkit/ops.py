@@ -229,9 +229,9 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
         for later in state.applied[idx + 1 :]:
             if rec.id in later.parents:
                 raise StateError(f"patch {short(later.id)} was made on top of patch {short(rec.id)}: revert it first", child=later.id)
-            later_undo = st.read_undo(ck.path, later.id) or {}
+            later_rows = st.undo_rows(ck.path, later.id) or {}
             for name, (rows, _) in undo.items():
-                if name in later_undo and np.intersect1d(rows, later_undo[name][0]).size:
+                if name in later_rows and np.intersect1d(rows, later_rows[name]).size:
                     raise StateError(
                         f"patch {short(later.id)}, applied later, edits the same rows of {name}: revert it first",
                         later=later.id, tensor=name,
@@ -465,18 +465,22 @@ def status(checkpoint) -> dict:
         except LockedError:
             pass  # another process is writing: those files are its own, not leftovers
     state = st.load_state(ck.path)
-    undos = {rec.id: st.read_undo(ck.path, rec.id) or {} for rec in state.applied}
+    undos = {rec.id: st.undo_rows(ck.path, rec.id) or {} for rec in state.applied}
+    # which (patch, tensor) rows still hash to what apply recorded: every tensor read side by side
+    checks = [(rec, name) for rec in state.applied for name in sorted(rec.tensors) if name in undos[rec.id]]
+    hashes = map_ordered(lambda c: rows_hash(ck.read_rows(c[1], undos[c[0].id][c[1]])), checks)
+    holds = {(rec.id, name): h == rec.tensors[name]["after_sha256"] for (rec, name), h in zip(checks, hashes)}
     out = []
     for i, rec in enumerate(state.applied):
         undo = undos[rec.id]
         changed, shadowed = [], {}
-        for name, meta in sorted(rec.tensors.items()):
-            rows = undo[name][0] if name in undo else None
-            if rows is not None and rows_hash(ck.read_rows(name, rows)) == meta["after_sha256"]:
+        for name in sorted(rec.tensors):
+            if holds.get((rec.id, name)):
                 continue
+            rows = undo.get(name)
             later = next(
                 (r.id for r in state.applied[i + 1 :] if rows is not None and name in undos[r.id]
-                 and np.intersect1d(rows, undos[r.id][name][0]).size),
+                 and np.intersect1d(rows, undos[r.id][name]).size),
                 None,
             )
             if later is not None:

@@ -115,6 +115,19 @@ def read_undo(ckpt_path: Path, patch_id: str) -> dict[str, tuple[np.ndarray, np.
         raise CheckpointError(f"undo record {p} is damaged ({e})") from None
 
 
+def undo_rows(ckpt_path: Path, patch_id: str) -> dict[str, np.ndarray] | None:
+    """The rows each tensor's undo record covers, without reading the bytes it keeps."""
+    p = undo_path(ckpt_path, patch_id)
+    if not p.exists():
+        return None
+    try:
+        header = read_header(p)
+        with open(p, "rb") as f:
+            return {k[: -len("::rows")]: read_tensor(i, f) for k, i in header.tensors.items() if k.endswith("::rows")}
+    except (STFormatError, OSError) as e:
+        raise CheckpointError(f"undo record {p} is damaged ({e})") from None
+
+
 def _read_row_arrays(path: Path, header, suffix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """NAME::rows and NAME<suffix> arrays of a safetensors file -> name -> (rows, raw bytes)."""
     with open(path, "rb") as f:
