@@ -14,7 +14,7 @@
      (d) patchkit apply PATCH CKPT --in-place   (on a copy made beforehand, not timed);
      (e) patchkit revert PATCH CKPT --in-place  (on that copy), then cmp against the original.
    Every measurement runs warm: `sync`, then every file of the checkpoint it reads is read once
-   (cat > /dev/null) right before it. The fast ones are repeated (--reps, default 3), median kept.
+   (cat > /dev/null) right before it. The fast ones are repeated (--reps, default 5), median kept.
 4. Prints the table and the targets: (a)/(d) >= 50x, (c)/(b) <= 1.2, peak RSS of (c), (d), (e)
    <= 400 MB, with PASS/FAIL. Exits 0 even when a target fails: it is a report.
 """
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the outputs (patched copies, patch) after the run")
     ap.add_argument("--clean", action="store_true", help="also delete the cached base checkpoint at the end")
     ap.add_argument("--json", action="store_true", help="print one JSON object with all numbers on stdout")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of (b)-(e); the median is reported")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of (b)-(e); the median is reported")
     ap.add_argument("--skip-naive", action="store_true", help="skip (a) (slow); the speedup target is then not checked")
     args = ap.parse_args(argv)
 
