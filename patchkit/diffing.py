@@ -20,6 +20,7 @@ from .format import Patch, TensorEdit, make_edit, rows_hash
 from .stfile import read_rows
 
 CHUNK_BYTES = 32 * 1024 * 1024
+BOUNDS_BLOCK_ELEMENTS = 1 << 16
 DEFAULT_MAX_CHANGED = 0.5
 
 
@@ -91,13 +92,17 @@ def _shared_delta(name, shape, dtype, rows, old, new) -> TensorEdit | None:
     """
     if dtype not in ("BF16", "F16", "F32"):
         return None
-    w = _rounding_bounds(old, dtype)[0]
-    _, lo, hi = _rounding_bounds(new, dtype)
-    with np.errstate(invalid="ignore"):
-        low = np.max(lo - w, axis=0)
-        high = np.min(hi - w, axis=0)
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
-        return None
+    cols = old.shape[1] // STORAGE[dtype].itemsize
+    low, high = np.full(cols, -np.inf), np.full(cols, np.inf)
+    step = max(1, BOUNDS_BLOCK_ELEMENTS // max(1, cols))  # float64 temporaries for a block of rows only
+    for r0 in range(0, len(rows), step):
+        w = _rounding_bounds(old[r0 : r0 + step], dtype)[0]
+        _, lo, hi = _rounding_bounds(new[r0 : r0 + step], dtype)
+        with np.errstate(invalid="ignore"):
+            np.maximum(low, np.max(lo - w, axis=0), out=low)
+            np.minimum(high, np.min(hi - w, axis=0), out=high)
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
+            return None  # rows that got different deltas show it within the first rows
     # the float32 nearest the middle, or a neighbour of it when the intersection is narrower than
     # the float32 spacing there (fp32 checkpoints: the intervals are one float32 ulp wide)
     mid = ((low + high) / 2).astype(np.float32)

@@ -191,10 +191,14 @@ def test_diff_output_exists(ckpts, tmp_path, cli_runner):
     assert Patch.load(out).rows > 0
 
 
+@pytest.mark.parametrize("block", [7 * 96, 1 << 16], ids=["blocks-of-7-rows", "one-block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype):
+def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype, block, monkeypatch):
     """The paper's edit, made the naive way (float32 add, rounded once), on many rows and with weights
     of every magnitude: the diff is a small factored patch, and applying it gives the edited bytes."""
+    import patchkit.diffing
+
+    monkeypatch.setattr(patchkit.diffing, "BOUNDS_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(512, 96, generator=gen) * torch.logspace(-6, 0, 96)  # columns from 1e-6 to 1
     w = w.to(dtype)
@@ -214,8 +218,12 @@ def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype):
     assert_tensors_bitequal(load_tensors(tmp_path / "out"), load_tensors(ed_dir))
 
 
-def test_diff_of_rows_with_different_deltas_stays_exact(tmp_path):
+@pytest.mark.parametrize("block", [3 * 32, 1 << 16], ids=["blocks-of-3-rows", "one-block"])
+def test_diff_of_rows_with_different_deltas_stays_exact(tmp_path, block, monkeypatch):
     """Rows that got different vectors have no shared delta: the diff falls back and is still exact."""
+    import patchkit.diffing
+
+    monkeypatch.setattr(patchkit.diffing, "BOUNDS_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(6)
     w = (torch.randn(64, 32, generator=gen) * 0.02).to(torch.bfloat16)
     edited = w.clone()
