@@ -17,9 +17,10 @@ from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, STORAGE, to_float
 from .errors import BaseMismatchError, PatchkitError, TooDenseError
 from .format import Patch, TensorEdit, make_edit, rows_hash
+from .parallel import map_ordered
 from .stfile import read_rows
 
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024  # per thread
 BOUNDS_BLOCK_ELEMENTS = 1 << 16
 DEFAULT_MAX_CHANGED = 0.5
 
@@ -155,24 +156,34 @@ def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=Fal
     if only_a or only_b:
         which, name = ("base", only_a[0]) if only_a else ("edited checkpoint", only_b[0])
         raise BaseMismatchError(f"the checkpoints hold different tensors: only the {which} has {name}", tensor=name)
-    edits, dense = {}, []
-    for name in sorted(a.tensors):
+    names = sorted(a.tensors)
+    for name in names:
         ia, ib = a.tensors[name], b.tensors[name]
         if ia.shape != ib.shape or ia.dtype != ib.dtype:
             raise BaseMismatchError(
                 f"tensor {name} is {ia.dtype} {list(ia.shape)} in the base but {ib.dtype} {list(ib.shape)} in the edited checkpoint",
                 tensor=name,
             )
+
+    def compare(name: str):
+        """None (unchanged), the fraction of rows changed (too many, without --full), or the edit."""
+        ia, ib = a.tensors[name], b.tensors[name]
         rows = _changed_rows(ia, ib)
         if len(rows) == 0:
-            continue
+            return None
         frac = len(rows) / ia.n_rows
         if frac > max_changed:
             if not full:
-                dense.append((name, frac))
-                continue
+                return frac
             rows = np.arange(ia.n_rows, dtype=np.int64)
-        edits[name] = _edit_for(name, ia, rows, read_rows(ia, rows), read_rows(ib, rows))
+        return _edit_for(name, ia, rows, read_rows(ia, rows), read_rows(ib, rows))
+
+    edits, dense = {}, []
+    for name, r in zip(names, map_ordered(compare, names)):  # tensors side by side, on every core
+        if isinstance(r, TensorEdit):
+            edits[name] = r
+        elif r is not None:
+            dense.append((name, r))
     if dense:
         listed = ", ".join(f"{n} ({f:.0%})" for n, f in dense[:3]) + (f" and {len(dense) - 3} more" if len(dense) > 3 else "")
         raise TooDenseError(
