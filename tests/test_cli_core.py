@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,3 +179,25 @@ def test_console_entry_runs_exit_handlers_and_waits_for_threads(tmp_path):
     assert r.returncode == 0 and "0.1.0" in r.stdout
     assert (tmp_path / "atexit-ran").read_text() == "yes"
     assert (tmp_path / "thread-finished").read_text() == "yes"  # not cut short by the quick exit
+
+
+@pytest.mark.parametrize(("args", "preset", "expected"), [
+    (["apply", "--help"], None, "1"),  # numpy-only commands keep OpenBLAS's spinning threads away
+    (["status", "--help"], None, "1"),
+    (["compute", "--help"], None, "None"),  # scoring rows uses BLAS: left as it is
+    (["apply", "--help"], "4", "4"),  # what the user set is kept
+])
+def test_console_entry_keeps_openblas_off_the_cores_for_numpy_only_commands(tmp_path, args, preset, expected):
+    code = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('OPENBLAS', os.environ.get('OPENBLAS_NUM_THREADS')))\n"
+        f"sys.argv = ['patchkit', *{args!r}]\n"
+        "from patchkit.cli import run\n"
+        "run()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"OPENBLAS {expected}" in r.stdout.splitlines()
