@@ -12,7 +12,8 @@
      (b) cp -r of the checkpoint;
      (c) patchkit apply PATCH CKPT -o OUT;
      (d) patchkit apply PATCH CKPT --in-place   (on a copy made beforehand, not timed);
-     (e) patchkit revert PATCH CKPT --in-place  (on that copy), then cmp against the original.
+     (e) patchkit revert PATCH CKPT --in-place  (on that copy), then cmp against the original;
+     (info, once) patchkit diff CKPT (c)-OUTPUT: the size and encoding of the patch that comes back.
    Every measurement runs warm: `sync`, then every file of the checkpoint it reads is read once
    (cat > /dev/null) right before it. The fast ones are repeated (--reps, default 5), median kept.
 4. Prints the table and the targets: (a)/(d) >= 50x, (c)/(b) <= 1.2, peak RSS of (c), (d), (e)
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
     log(f"measuring: each operation in a fresh process; peak RSS via {runner.method}; "
         f"all runs warm (sync, then the checkpoint read once with cat-equivalent before each run); "
         f"{args.reps} reps of (b)-(e), median reported; (a) once")
-    results: dict[str, list[dict]] = {k: [] for k in ["a", "b", "b2", "c", "d", "e"]}
+    results: dict[str, list[dict]] = {k: [] for k in ["a", "b", "b2", "c", "d", "e", "f"]}
     notes: list[str] = []
 
     naive_out = runs / "naive-out"
@@ -438,6 +439,18 @@ def main(argv=None) -> int:
         if rep == 0:
             changed = [f for f in files if subprocess.run(["cmp", "-s", str(base / f), str(out / f)]).returncode != 0]
             notes.append(f"(c) output differs from the base in {len(changed)} of {len(files)} shards (the ones holding gate_proj)")
+            # (info) diff the base against (c)'s output: the patch should come back, as small as it went in
+            diffed = runs / "diffed.patch.safetensors"
+            warm(base, out)
+            r = runner.measure([patchkit_bin, "diff", str(base), str(out), "-o", str(diffed)], "(f)")
+            results["f"].append(r)
+            from patchkit.format import Patch
+
+            back = Patch.load(diffed)
+            encodings = sorted({e.encoding for e in back.edits.values()})
+            notes.append(f"(f) diff of base and (c)'s output: {back.rows} rows, {'/'.join(encodings)}, "
+                         f"{diffed.stat().st_size:,} bytes (the patch applied: {pinfo['bytes']:,} bytes)")
+            log(f"    {notes[-1]}")
         if rep < args.reps - 1 or not args.keep:
             rmtree(out)
         # (d) patchkit apply --in-place, on the copy
@@ -472,6 +485,7 @@ def main(argv=None) -> int:
         "c": "(c) patchkit apply -o OUT",
         "d": "(d) patchkit apply --in-place",
         "e": "(e) patchkit revert --in-place",
+        "f": "    (info) patchkit diff BASE (c)-OUTPUT",
     }
     summary = {}
     for k, rs in results.items():
@@ -517,7 +531,7 @@ def main(argv=None) -> int:
     log()
     log(f"{'operation':<56} {'wall s':>9} {'peak RSS MB':>12}   runs")
     log("-" * 90)
-    for k in ["a", "b", "b2", "c", "d", "e"]:
+    for k in ["a", "b", "b2", "c", "d", "e", "f"]:
         if k not in summary:
             continue
         s = summary[k]
