@@ -174,7 +174,17 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                 )
         # Reading, hashing and computing the rows of different tensors is independent: on all cores.
         # The overlay is only read here; it is written below, in order, once all have finished.
-        for name, r in zip(names, map_ordered(lambda n: _edit_rows(overlay, patch.edits[n], force), names)):
+        results = map_ordered(lambda n: _edit_rows(overlay, patch.edits[n], force), names)
+        if not force and all(r.found == patch.edits[n].result_sha256 != patch.edits[n].base_sha256
+                             for n, r in zip(names, results)):
+            # A checkpoint that already holds what the patch writes, without a record of it (patched
+            # elsewhere, or uploaded without its .patchkit/ folder): say so, rather than "another base".
+            raise StateError(
+                f"patch {short(pid)} is already in {ck.path}: every row it touches holds what it writes, "
+                "though no record says so; `patchkit revert` takes it out (approximately, without the record)",
+                patch=pid,
+            )
+        for name, r in zip(names, results):
             edit = patch.edits[name]
             if r.found != edit.base_sha256:
                 if not force:

@@ -413,3 +413,28 @@ def test_status_checks_rows_against_what_the_patch_declares(copy_ckpt, tmp_path)
     assert not s["intact"] and s["changed_tensors"] == [name]
     ops.revert(bad, ck, in_place=True, force=True)  # the undo record still restores the original bytes
     assert ops.status(ck)["applied"] == []
+
+
+def test_applying_to_a_checkpoint_that_already_holds_the_patch_says_so(ckpts, make_patch, tmp_path, cli_runner):
+    """A checkpoint patched elsewhere (or uploaded without .patchkit/) is not 'another base'; one that
+    holds the patch's result in some tensors only is, and the first such tensor is named."""
+    from patchkit import state as st
+    from patchkit.stfile import write_rows
+
+    base = ckpts[("bf16", False)]
+    path = make_patch(base)
+    ck = tmp_path / "patched"
+    ops.apply(path, base, ck)
+    undo = st.read_undo(ck, Patch.load(path).id)
+    shutil.rmtree(ck / ".patchkit")  # as a Hub upload of it would be
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    r = cli_runner("apply", path, ck, "--in-place")
+    assert r.exit_code == StateError.exit_code and "is already in" in r.output and "Traceback" not in r.output
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    # put the first tensor's original rows back: the others still hold the result
+    first, *rest = sorted(undo)
+    info = Checkpoint(ck).info(first)
+    with open(info.file, "r+b") as f:
+        write_rows(info, undo[first][0], undo[first][1], f)
+    r = cli_runner("apply", path, ck, "--in-place")
+    assert r.exit_code == 5 and f"tensor {rest[0]} differ" in r.output
