@@ -4,7 +4,6 @@ loops all release the GIL, so plain threads are enough and nothing is copied bet
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from typing import Callable, Iterable, TypeVar
 
@@ -55,10 +54,11 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], threads: int | None = 
         t.start()
     try:
         run()
-    finally:  # on Ctrl-C (raised in this thread), the helpers take no new item and finish the one they hold
-        if sys.exc_info()[0] is not None:
-            stop.set()
-        for t in helpers:
+    except BaseException:  # Ctrl-C, raised in this thread: the helpers take no new item
+        stop.set()
+        raise
+    finally:
+        for t in helpers:  # and finish the one they hold
             t.join()
     for e in errors:
         if e is not None:
