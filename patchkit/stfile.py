@@ -185,10 +185,23 @@ def read_rows(info: TensorInfo, rows: np.ndarray, f=None) -> np.ndarray:
 def _read_runs(info: TensorInfo, rows: np.ndarray, out: np.ndarray, f) -> np.ndarray:
     rb, fd = info.row_bytes, f.fileno()
     for first, count, pos in row_runs(rows):
-        got = os.preadv(fd, [out[pos : pos + count]], info.offset + first * rb)  # straight into the array
+        got = _pread_into(fd, out[pos : pos + count], info.offset + first * rb)
         if got != count * rb:
             raise STFormatError(f"{info.file}: short read at byte {info.offset + first * rb}")
     return out
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read len(buf) bytes at `offset` straight into `buf` (preadv), or through a copy where the
+    platform has no preadv (not every macOS build of Python has it); returns the bytes read."""
+    if _HAS_PREADV:
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, buf.nbytes, offset)
+    buf.reshape(-1)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return len(data)
+
+
+_HAS_PREADV = hasattr(os, "preadv")
 
 
 def write_rows(info: TensorInfo, rows: np.ndarray, data: np.ndarray, f) -> None:

@@ -447,3 +447,19 @@ def test_factorize_is_bit_exact_with_signed_zeros():
     base = np.array([[-0.0, 0.0], [-0.0, 0.0]], dtype=np.float32)
     new = e.new_rows(base.view(np.uint8)).view(np.float32)
     assert np.signbit(new[0, 0]) and not np.signbit(new[1, 0])
+
+
+def test_rows_are_read_the_same_without_preadv(monkeypatch, tmp_path):
+    """Where os.preadv is missing (not every macOS build of Python has it), rows are read with os.pread."""
+    from patchkit import stfile
+
+    rng = np.random.default_rng(4)
+    arr = rng.integers(0, 2**16, size=(40, 24), dtype=np.uint16)
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(stfile.serialize({"w": ("BF16", arr)}, {}))
+    info = stfile.read_header(path).tensors["w"]
+    rows = np.array([0, 1, 2, 7, 20, 39], dtype=np.int64)
+    fast = stfile.read_rows(info, rows)
+    monkeypatch.setattr(stfile, "_HAS_PREADV", False)
+    slow = stfile.read_rows(info, rows)
+    assert np.array_equal(fast, slow) and np.array_equal(fast.view(np.uint16), arr[rows])
