@@ -34,7 +34,8 @@ def layer_of(name: str) -> int | None:
 
 def rows_hash(raw_rows: np.ndarray) -> str:
     """Fingerprint of rows' bytes: sha256 over the rows concatenated in index order."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(raw_rows)).cast("B")).hexdigest()
+    # the array's own buffer, no copy; flat first, as memoryview cannot cast a 2-d view with a 0 in its shape
+    return hashlib.sha256(memoryview(np.ascontiguousarray(raw_rows).reshape(-1)).cast("B")).hexdigest()
 
 
 def n_rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -463,3 +463,12 @@ def test_rows_are_read_the_same_without_preadv(monkeypatch, tmp_path):
     monkeypatch.setattr(stfile, "_HAS_PREADV", False)
     slow = stfile.read_rows(info, rows)
     assert np.array_equal(fast, slow) and np.array_equal(fast.view(np.uint16), arr[rows])
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 5)])
+def test_rows_hash_is_sha256_of_the_bytes_for_every_shape(shape):
+    from patchkit.format import rows_hash
+
+    a = np.arange(int(np.prod(shape)), dtype=np.uint16).reshape(shape)
+    assert rows_hash(a) == hashlib.sha256(a.tobytes()).hexdigest()
+    assert rows_hash(a.T) == hashlib.sha256(np.ascontiguousarray(a.T).tobytes()).hexdigest()  # not contiguous
