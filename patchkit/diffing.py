@@ -48,8 +48,10 @@ def _edit_for(name, info, rows, old, new) -> TensorEdit:
             for factor in (True, False):
                 edit = make_edit(name, shape, dtype, rows, old, delta=delta, factor=factor)
                 if factor and edit.encoding == "dense":
-                    edit = (_shared_delta(name, shape, dtype, rows, old, new)
-                            or _loose_factored(name, shape, dtype, rows, old, new, delta) or edit)
+                    found = (_shared_delta(name, shape, dtype, rows, old, new)
+                             or _loose_factored(name, shape, dtype, rows, old, new, delta))
+                    if found is not None:
+                        return found  # already checked to reproduce `new`
                 if np.array_equal(edit.new_rows(old), new):
                     return edit
     return make_edit(name, shape, dtype, rows, old, values=elems.copy())
@@ -112,15 +114,7 @@ def _shared_delta(name, shape, dtype, rows, old, new) -> TensorEdit | None:
         v = np.where((c >= low) & (c <= high), c, v)
     if np.any(np.isnan(v)):
         return None
-    edit = TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=v, scale=np.ones(1, np.float32))
-    try:
-        edit.validate()
-    except PatchkitError:
-        return None
-    if not np.array_equal(edit.new_rows(old), new):
-        return None
-    edit.result_sha256 = rows_hash(new)
-    return edit
+    return _exact_factored(name, shape, dtype, rows, old, new, v, np.ones(1, np.float32))
 
 
 def _loose_factored(name, shape, dtype, rows, old, new, delta):
@@ -138,14 +132,20 @@ def _loose_factored(name, shape, dtype, rows, old, new, delta):
     scale = (d64 @ v / vv).astype(np.float32)
     if np.all(scale == scale[0]):
         scale = scale[:1]
+    return _exact_factored(name, shape, dtype, rows, old, new, direction, scale)
+
+
+def _exact_factored(name, shape, dtype, rows, old, new, direction, scale) -> TensorEdit | None:
+    """The factored edit (direction, scale), if it is valid and reproduces `new` from `old` exactly."""
     edit = TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=direction, scale=scale)
     try:
         edit.validate()
     except PatchkitError:
         return None
-    if not np.array_equal(edit.new_rows(old), new):
+    new_rows = edit.new_rows(old)
+    if not np.array_equal(new_rows, new):
         return None
-    edit.result_sha256 = rows_hash(new)
+    edit.result_sha256 = rows_hash(new_rows)
     return edit
 
 
