@@ -95,13 +95,10 @@ def undo_path(ckpt_path: Path, patch_id: str) -> Path:
 
 def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True) -> Path:
     """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes])."""
-    arrays = {}
-    for name, (rows, raw) in originals.items():
-        arrays[f"{name}::rows"] = ("I64", rows)
-        arrays[f"{name}::orig"] = ("U8", raw)
     p = undo_path(ckpt_path, patch_id)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, serialize_chunks(arrays, {"format": "patchkit.undo", "patch_id": patch_id}), fsync=fsync)
+    meta = {"format": "patchkit.undo", "patch_id": patch_id}
+    atomic_write_bytes(p, serialize_chunks(_row_arrays(originals, "::orig"), meta), fsync=fsync)
     return p
 
 
@@ -126,6 +123,15 @@ def undo_rows(ckpt_path: Path, patch_id: str) -> dict[str, np.ndarray] | None:
             return {k[: -len("::rows")]: read_tensor(i, f) for k, i in header.tensors.items() if k.endswith("::rows")}
     except (STFormatError, OSError) as e:
         raise CheckpointError(f"undo record {p} is damaged ({e})") from None
+
+
+def _row_arrays(records: dict[str, tuple[np.ndarray, np.ndarray]], suffix: str) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (rows, raw bytes) as the arrays NAME::rows (I64) and NAME<suffix> (U8) of a safetensors file."""
+    arrays = {}
+    for name, (rows, raw) in records.items():
+        arrays[f"{name}::rows"] = ("I64", rows)
+        arrays[f"{name}{suffix}"] = ("U8", raw)
+    return arrays
 
 
 def _read_row_arrays(path: Path, header, suffix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -184,10 +190,7 @@ def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] |
                   rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, fsync: bool = True) -> None:
     """undo_ids: patches whose undo records roll the write back; or rows: tensor name -> (row
     indices, their current bytes uint8 [n, row_bytes])."""
-    arrays = {}
-    for name, (idx, raw) in (rows or {}).items():
-        arrays[f"{name}::rows"] = ("I64", idx)
-        arrays[f"{name}::bytes"] = ("U8", raw)
+    arrays = _row_arrays(rows or {}, "::bytes")
     meta = {
         "format": "patchkit.journal",
         "mode": "undo" if undo_ids is not None else "rows",
