@@ -15,7 +15,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, STORAGE, to_float
-from .errors import BaseMismatchError, PatchkitError, TooDenseError
+from .errors import BaseMismatchError, PatchkitError, TooDenseError, UnsupportedError
 from .format import Patch, TensorEdit, make_edit, rows_hash
 from .parallel import map_ordered
 from .stfile import read_rows
@@ -171,6 +171,9 @@ def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=Fal
         rows = _changed_rows(ia, ib)
         if len(rows) == 0:
             return None
+        if not ia.known:
+            raise UnsupportedError(f"tensor {name} changed, and its dtype {ia.dtype} is one this version of patchkit "
+                                   "cannot put in a patch", tensor=name)
         frac = len(rows) / ia.n_rows
         if frac > max_changed:
             if not full:

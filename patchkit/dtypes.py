@@ -7,6 +7,7 @@ which is what torch does for every dtype here.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 
@@ -14,8 +15,31 @@ import numpy as np
 
 from .errors import UnsupportedError
 
+
+class _Storage(dict):
+    """dtype name -> numpy dtype; a name it does not hold raises UnsupportedError, not KeyError."""
+
+    def __missing__(self, dtype):
+        raise UnsupportedError(f"tensor dtype {shown(dtype)} is not supported by this version of patchkit")
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr() of a name or value for a message, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
+def named(name: str, limit: int = 200) -> str:
+    """A tensor name for a message: as it is, or cut when it is longer than `limit` characters."""
+    return name if len(name) <= limit else f"{name[:limit]}...({len(name)} characters)"
+
+
+# A dtype name as safetensors spells them (F8_E4M3, BF16, ...): a tensor of a name patchkit does not
+# know is carried through untouched; anything else in the dtype field makes the header malformed.
+DTYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
 # safetensors dtype -> numpy dtype used to hold the raw elements (BF16 is held as uint16 bits)
-STORAGE = {
+STORAGE = _Storage({
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -31,15 +55,15 @@ STORAGE = {
     "BOOL": np.dtype("?"),
     "F8_E4M3": np.dtype("u1"),
     "F8_E5M2": np.dtype("u1"),
-}
+})
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def itemsize(dtype: str) -> int:
-    try:
-        return STORAGE[dtype].itemsize
-    except KeyError:
-        raise UnsupportedError(f"tensor dtype {dtype} is not supported") from None
+    """Bytes per element; UnsupportedError naming the dtype for one patchkit does not know."""
+    if not isinstance(dtype, str) or dtype not in STORAGE:
+        raise UnsupportedError(f"tensor dtype {shown(dtype)} is not supported by this version of patchkit")
+    return STORAGE[dtype].itemsize
 
 
 def require_float(dtype: str, name: str) -> None:

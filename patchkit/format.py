@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .dtypes import FLOAT_DTYPES, STORAGE, add_to_rows, from_float, is_finite, to_float
+from . import __version__, patchcheck
+from .dtypes import FLOAT_DTYPES, STORAGE, add_to_rows, from_float, is_finite, named, shown, to_float
 from .errors import PatchFormatError
-from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
+from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, read_tensor, serialize
 
 FORMAT_NAME = "patchkit.patch"
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ class TensorEdit:
 
     def validate(self) -> None:
         n_rows, n_cols = n_rows_cols(self.shape)
-        where = f"tensor {self.name}"
+        where = f"tensor {named(self.name)}"
         if self.encoding not in ENCODINGS:
             raise PatchFormatError(f"{where}: unknown encoding {self.encoding!r}")
         if self.dtype not in STORAGE:
@@ -270,89 +270,53 @@ class Patch:
 
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
+        """Read and check a patch file; every problem is one PatchFormatError (UnsupportedError for a
+        tensor of a dtype this version cannot edit), with at most PATCHKIT_MAX_PATCH_TENSORS tensors."""
         path = Path(path)
         if not path.exists():
             raise PatchFormatError(f"patch file {path} does not exist", path=path)
+        max_tensors = patch_tensor_limit()
         try:
-            header = read_header(path)
+            header = read_header(path, max_tensors=max_tensors)
         except (STFormatError, OSError) as e:
             raise PatchFormatError(f"{path} is not a readable safetensors file: {e}", path=path) from None
         meta = header.metadata
         if meta.get("format") != FORMAT_NAME:
             raise PatchFormatError(f"{path} is a safetensors file but not a patchkit patch (no format={FORMAT_NAME})", path=path)
-        try:
-            version = int(meta.get("format_version", ""))
-        except ValueError:
-            raise PatchFormatError(f"{path}: format_version is not an integer") from None
-        if version < 1:
-            raise PatchFormatError(f"{path}: format_version {version} does not exist (patch formats start at v1)")
-        if version > FORMAT_VERSION:
+        version = meta.get("format_version", "")
+        if not re.fullmatch(r"-?[0-9]{1,9}", version):
+            raise PatchFormatError(f"{path}: format_version is not an integer")
+        if int(version) < 1:
+            raise PatchFormatError(f"{path}: format_version {int(version)} does not exist (patch formats start at v1)")
+        if int(version) > FORMAT_VERSION:
             raise PatchFormatError(
-                f"{path} uses patch format v{version}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
+                f"{path} uses patch format v{int(version)}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
             )
-        try:
-            tensors_meta = json.loads(meta["tensors"])
-            base = json.loads(meta["base"])
-            prov = json.loads(meta.get("provenance", "{}"))
-            parents = json.loads(meta.get("parents", "[]"))
-            evaluation = json.loads(meta["eval"]) if "eval" in meta else None
-        except (KeyError, json.JSONDecodeError) as e:
-            raise PatchFormatError(f"{path}: metadata is missing or malformed ({e})") from None
+        fields = patchcheck.check_metadata(path, meta, max_tensors)
+        if "unsupported" in fields:
+            patchcheck.refuse_unsupported(path, header, meta, fields["unsupported"])
         unknown = {k: v for k, v in meta.items() if k not in KNOWN_KEYS}
         if unknown:
-            warnings.warn(f"{path}: unknown metadata keys kept as they are: {', '.join(sorted(unknown))}", stacklevel=2)
-        arrays: dict[str, np.ndarray] = {}
+            listed = ", ".join(shown(k, 40) for k in sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            warnings.warn(f"{path}: unknown metadata keys kept as they are: {listed}", stacklevel=2)
+        arrays = patchcheck.read_arrays(path, header, read_tensor, open_regular)
         try:
-            with open(path, "rb") as f:
-                for name, info in header.tensors.items():
-                    arrays[name] = read_tensor(info, f)
-        except (STFormatError, OSError) as e:
-            raise PatchFormatError(f"{path}: cannot read tensor data ({e})") from None
-        try:
-            edits = {}
-            expected = set()
-            for name, tm in tensors_meta.items():
-                bt = base.get("tensors", {}).get(name)
-                if bt is None:
-                    raise PatchFormatError(f"{path}: tensor {name} has no base fingerprint")
-                enc = tm.get("encoding")
-                parts = {"dense": ["rows", "delta"], "factored": ["rows", "direction", "scale"], "replace": ["rows", "values"]}.get(enc)
-                if parts is None:
-                    raise PatchFormatError(f"{path}: tensor {name} has unknown encoding {enc!r}")
-                keys = [f"{name}::{p}" for p in parts]
-                missing = [k for k in keys if k not in arrays]
-                if missing:
-                    raise PatchFormatError(f"{path}: missing tensor {missing[0]}")
-                expected.update(keys)
-                got = {p: arrays[k] for p, k in zip(parts, keys)}
-                edit = TensorEdit(
-                    name, tuple(bt["shape"]), bt["dtype"], got["rows"], enc, bt["rows_sha256"], bt.get("result_sha256"),
-                    delta=got.get("delta"), direction=got.get("direction"), scale=got.get("scale"), values=got.get("values"),
-                )
-                edit.validate()
-                if tm.get("rows") != edit.n_rows:
-                    raise PatchFormatError(f"{path}: tensor {name} row count does not match its metadata")
-                edits[name] = edit
-            stray = set(arrays) - expected
-            if stray:
-                raise PatchFormatError(f"{path}: tensor {sorted(stray)[0]} is not described by the metadata")
             patch = cls(
-                edits=edits,
-                base_model=base.get("model_id"),
-                base_revision=base.get("revision"),
-                provenance=prov,
-                parents=list(parents),
-                evaluation=evaluation,
+                edits=patchcheck.build_edits(path, fields, arrays, TensorEdit),
+                base_model=fields["base"].get("model_id"),
+                base_revision=fields["base"].get("revision"),
+                provenance=fields["provenance"],
+                parents=list(fields["parents"]),
+                evaluation=fields["eval"],
                 description=meta.get("description"),
                 extra=unknown,
                 path=path,
             )
-            stored = meta.get("id")
             actual = patch.id
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            # valid JSON of the wrong shape (a renamed key, a number where a list belongs...)
-            raise PatchFormatError(f"{path}: metadata is missing or malformed ({e.__class__.__name__}: {e})") from None
-        if stored != actual:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
+            # a safety net: every field is checked above, so this names a case the checks missed
+            raise PatchFormatError(f"{path}: metadata is missing or malformed ({e.__class__.__name__}: {str(e)[:80]})") from None
+        if meta.get("id") != actual:
             raise PatchFormatError(f"{path}: content id does not match the content: the file is corrupted or was edited")
         return patch
 
