@@ -144,7 +144,7 @@ def export_peft(patch, output, *, rank: int | None = None, skip_unsupported: boo
         "inference_mode": True,
     }
     meta = {"format": "pt", "patchkit_patch": patch.id}
-    with staged_folder(output) as tmp:
+    with staged_folder(output, overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "adapter_model.safetensors").write_bytes(serialize(arrays, meta))
     return {
