@@ -7,14 +7,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BaseMismatchError, CheckpointError
-from .stfile import STFormatError, TensorInfo, read_header, read_rows
+from .state import STATE_DIR
+from .stfile import STFormatError, TensorInfo, open_regular, read_header, read_rows
 
-STATE_DIR = ".patchkit"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def plain_name(name) -> bool:
+    """A file name that stays in its folder: no separator, not `.`/`..`, not absolute, no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and (os.altsep is None or os.altsep not in name))
+
+
+def file_identity(path: Path, header_size: int) -> tuple:
+    """What says a shard is still the file its header was read from: device, inode, size, mtime and
+    a hash of its header bytes. Checked again under the lock before rows are written in place."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        head = os.pread(f.fileno(), 8 + header_size, 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, header_size, hashlib.sha256(head).hexdigest())
+
+
+def len_header(identity: tuple) -> int:
+    return identity[4]
 
 
 class Checkpoint:
@@ -31,8 +53,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} is a file; give the checkpoint's folder", path=self.path)
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
+        self.identities: dict[Path, tuple] = {}  # file_identity of each shard as its header was read
         for rel in self.files:
             try:
+                _check_shard(self.path / rel)
                 header = read_header(self.path / rel)
             except FileNotFoundError:
                 if partial:
@@ -41,6 +65,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: shard {rel} named by the index is missing") from None
             except (STFormatError, OSError) as e:
                 raise CheckpointError(f"{self.path / rel} is not a valid safetensors file: {e}") from None
+            self.identities[self.path / rel] = file_identity(self.path / rel, header.size)
             for name, info in header.tensors.items():
                 if name in self.tensors:
                     raise CheckpointError(f"{self.path}: tensor {name} appears in two shards")
@@ -57,12 +82,8 @@ class Checkpoint:
         self.index: dict[str, str] | None = None
         if indexes:
             chosen = next((p for p in indexes if p.name == "model.safetensors.index.json"), indexes[0])
-            try:
-                weight_map = json.loads(chosen.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except Exception:
-                raise CheckpointError(f"{chosen} is not a valid safetensors index (no weight_map)") from None
-            self.index = weight_map
+            self.index = _read_index(chosen)
+            weight_map = self.index
             return sorted(set(weight_map.values()))
         if (self.path / "model.safetensors").exists():
             return ["model.safetensors"]
@@ -77,6 +98,11 @@ class Checkpoint:
         if singles:
             raise CheckpointError(f"{self.path} has several .safetensors files and no index to tell them apart")
         raise CheckpointError(f"{self.path} has no safetensors weights (model.safetensors or an index)")
+
+    def unchanged(self, path: Path) -> bool:
+        """Whether the weight file `path` is still the file whose header this object read."""
+        before = self.identities[path]
+        return file_identity(path, len_header(before)) == before
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -116,3 +142,35 @@ class Checkpoint:
     @property
     def state_dir(self) -> Path:
         return self.path / STATE_DIR
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The weight map of a `*.safetensors.index.json`: tensor names to plain file names in the folder."""
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"{path} is larger than any safetensors index ({MAX_INDEX_BYTES} bytes at most)")
+        weight_map = json.loads(path.read_bytes().decode("utf-8"))["weight_map"]
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is not a valid safetensors index (no weight_map)", path=path) from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map is not an object", path=path)
+    for name, rel in weight_map.items():
+        if not plain_name(rel) or not rel.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{path}: the index puts tensor {name} in {rel!r}, which is not a .safetensors file name in "
+                "the checkpoint's folder; patchkit reads and writes nothing outside it", path=path, tensor=name)
+    return weight_map
+
+
+def _check_shard(path: Path) -> None:
+    """A weight file must be a regular file, or a symlink to one (a Hub cache snapshot)."""
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink to what it points at
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}", path=path) from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is not a regular file; patchkit reads weights only from regular files", path=path)

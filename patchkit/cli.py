@@ -220,12 +220,14 @@ def revert(patch, checkpoint, output, in_place, force, overwrite, dry_run, fsync
 # ---- status -------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
+@click.option("--wait", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds to wait for a write in progress to finish before giving up.")
 @json_option
-def status(checkpoint, as_json):
+def status(checkpoint, wait, as_json):
     """List the patches applied to CHECKPOINT and whether their rows are still as apply left them."""
     from . import ops
 
-    r = ops.status(checkpoint)
+    r = ops.status(checkpoint, wait=wait)
 
     def human(r):
         if r["recovered"]:

@@ -1,37 +1,95 @@
-"""What a checkpoint remembers about the patches applied to it, and how writes to it stay safe.
+"""What a checkpoint remembers about the patches applied to it: the state file and the undo records.
 
 Layout inside a checkpoint folder (absent when nothing is applied):
 
-    .patchkit/state.json                 applied patches, in order
+    .patchkit/state.json                    applied patches, in order
     .patchkit/undo/<patch id>.safetensors   the original bytes of the rows each patch touched
-    .patchkit/journal.safetensors        present only while an in-place write is under way
+    .patchkit/journal.safetensors           present only while an in-place write is under way
+                                            (see `patchkit.journal`)
 
-An in-place write goes: undo record, then journal (what puts back the rows about to be written,
-and the state before), then the bytes, then the new state, then the journal is removed.
-Any command that finds a journal rolls the checkpoint back to the state before, byte for byte.
-A lock (flock on the checkpoint folder itself, so no file is left behind) keeps writers apart.
+Everything here is read as untrusted input, with the strictness of a patch file: the folder and
+its files must be a plain folder and regular files inside the checkpoint (never symlinks, FIFOs or
+anything that leads out); every record carries a sha256 over its content, checked on reading; ids,
+row indices, shapes and dtypes are checked against the checkpoint before a single byte is written
+from them. Deletion is only of names patchkit itself makes, matched exactly.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
-from contextlib import contextmanager
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, LockedError
-from .stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize_chunks, write_rows
+from .errors import CheckpointError
+from .fsutil import is_own_temp
+from .records import canonical, check_rows, read_record, regular_file, row_arrays, rows_from_arrays, write_record
+from .stfile import STFormatError, atomic_write_bytes, open_regular, read_header, read_tensor
 
 STATE_DIR = ".patchkit"
 STATE_FILE = "state.json"
-JOURNAL = "journal.safetensors"
+UNDO_DIR = "undo"
+MAX_STATE_BYTES = 64 * 1024 * 1024
+ID = re.compile(r"[0-9a-f]{64}")
 
 
+def _is_id(x) -> bool:
+    return isinstance(x, str) and ID.fullmatch(x) is not None
+
+
+# ---- the folder ---------------------------------------------------------------------------------
+def state_dir(ckpt_path: Path) -> Path:
+    return Path(ckpt_path) / STATE_DIR
+
+
+def _plain_dir(p: Path, create: bool = False) -> bool:
+    """Whether the folder `p` exists; it must be a real folder, not a symlink or a file. With `create`
+    a missing one is made."""
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        if not create:
+            return False
+        p.mkdir()
+        return True
+    if not stat.S_ISDIR(mode):
+        what = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+        raise CheckpointError(
+            f"{p} is {what}: patchkit keeps its records in a plain folder inside the checkpoint and never "
+            "follows one out; move it away (nothing was written)", path=p)
+    return True
+
+
+def checked_state_dir(ckpt_path: Path, create: bool = False) -> Path | None:
+    """`.patchkit/` (and its `undo/`) after checking they are plain folders; None when absent."""
+    d = state_dir(ckpt_path)
+    if not _plain_dir(d, create):
+        return None
+    _plain_dir(d / UNDO_DIR)
+    return d
+
+
+def read_small(p: Path, limit: int = MAX_STATE_BYTES) -> bytes:
+    """The bytes of the regular file `p` (never through a symlink, never blocking on a FIFO)."""
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{p} is not a regular file; move it away (nothing was written)", path=p)
+        if st.st_size > limit:
+            raise CheckpointError(f"{p} is {st.st_size} bytes, more than patchkit ever writes there; move it away", path=p)
+        return os.pread(fd, st.st_size, 0)
+    finally:
+        os.close(fd)
+
+
+# ---- state.json -----------------------------------------------------------------------------------
 @dataclass
 class AppliedRecord:
     id: str
@@ -48,8 +106,31 @@ class AppliedRecord:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "AppliedRecord":
-        return cls(d["id"], d.get("source"), int(d["rows"]), bool(d.get("forced")), list(d.get("parents", [])), dict(d["tensors"]))
+    def from_json(cls, d) -> "AppliedRecord":
+        """A record as written by `to_json`; ValueError naming the field for anything else."""
+        if not isinstance(d, dict):
+            raise ValueError("an applied record is not an object")
+        if not _is_id(d.get("id")):
+            raise ValueError("an applied record's id is not a patch id")
+        src, rows, forced, parents, tensors = (d.get(k) for k in ("source", "rows", "forced", "parents", "tensors"))
+        if src is not None and not isinstance(src, str):
+            raise ValueError("source is not a string")
+        if not _count(rows):
+            raise ValueError("rows is not a count")
+        if not isinstance(forced, bool):
+            raise ValueError("forced is not true or false")
+        if not isinstance(parents, list) or not all(_is_id(p) for p in parents):
+            raise ValueError("parents is not a list of patch ids")
+        if not isinstance(tensors, dict) or not tensors:
+            raise ValueError("tensors is not a non-empty object")
+        for name, t in tensors.items():
+            if not (isinstance(t, dict) and _count(t.get("rows")) and _is_id(t.get("after_sha256"))):
+                raise ValueError(f"the entry of tensor {name} is malformed")
+        return cls(d["id"], src, rows, forced, list(parents), {n: dict(t) for n, t in tensors.items()})
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
 
 
 @dataclass
@@ -60,224 +141,149 @@ class State:
         return next((r for r in self.applied if r.id == patch_id), None)
 
     def to_bytes(self) -> bytes:
-        doc = {"format": "patchkit.state", "version": 1, "applied": [r.to_json() for r in self.applied]}
+        doc = {"format": "patchkit.state", "version": 2, "applied": [r.to_json() for r in self.applied]}
+        doc["sha256"] = hashlib.sha256(canonical(doc)).hexdigest()
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
-
-def state_dir(ckpt_path: Path) -> Path:
-    return Path(ckpt_path) / STATE_DIR
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "State":
+        """Parse and check a state document; ValueError saying what is wrong. Version 1 documents
+        (written before records carried a checksum) are read without one."""
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise ValueError(f"not JSON ({e.__class__.__name__})") from None
+        if not isinstance(doc, dict) or doc.get("format") != "patchkit.state":
+            raise ValueError("not a patchkit state document")
+        version = doc.get("version")
+        if version == 2:
+            found = doc.pop("sha256", None)
+            if found != hashlib.sha256(canonical(doc)).hexdigest():
+                raise ValueError("its checksum does not match its content (edited by hand?)")
+        elif version != 1:
+            raise ValueError(f"state version {version!r} is not one this patchkit reads")
+        applied = doc.get("applied")
+        if not isinstance(applied, list):
+            raise ValueError("applied is not a list")
+        records = [AppliedRecord.from_json(r) for r in applied]
+        if len({r.id for r in records}) != len(records):
+            raise ValueError("a patch is listed twice")
+        return cls(records)
 
 
 def load_state(ckpt_path: Path) -> State:
+    d = checked_state_dir(ckpt_path)
     p = state_dir(ckpt_path) / STATE_FILE
-    if not p.exists():
+    if d is None or not regular_file(p):
         return State()
     try:
-        doc = json.loads(p.read_text())
-        return State([AppliedRecord.from_json(r) for r in doc["applied"]])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{p} is damaged; move it away to treat the checkpoint as unpatched") from None
+        return State.from_bytes(read_small(p))
+    except ValueError as e:
+        raise CheckpointError(f"{p} is damaged: {e}; move it away to treat the checkpoint as unpatched "
+                              "(nothing was written)", path=p) from None
 
 
 def save_state(ckpt_path: Path, state: State, fsync: bool = True) -> None:
-    d = state_dir(ckpt_path)
+    p = state_dir(ckpt_path) / STATE_FILE
     if state.applied:
-        d.mkdir(exist_ok=True)
-        atomic_write_bytes(d / STATE_FILE, state.to_bytes(), fsync=fsync)
-    elif (d / STATE_FILE).exists():
-        os.unlink(d / STATE_FILE)
+        checked_state_dir(ckpt_path, create=True)
+        atomic_write_bytes(p, state.to_bytes(), fsync=fsync)
+    elif checked_state_dir(ckpt_path) is not None and regular_file(p):
+        os.unlink(p)
 
 
-# ---- undo records ------------------------------------------------------------------------------
+# ---- undo records ------------------------------------------------------------------------------------
 def undo_path(ckpt_path: Path, patch_id: str) -> Path:
-    return state_dir(ckpt_path) / "undo" / f"{patch_id}.safetensors"
+    if not _is_id(patch_id):
+        raise CheckpointError(f"{patch_id!r} is not a patch id")
+    return state_dir(ckpt_path) / UNDO_DIR / f"{patch_id}.safetensors"
 
 
 def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True) -> Path:
     """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes])."""
     p = undo_path(ckpt_path, patch_id)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "patchkit.undo", "patch_id": patch_id}
-    atomic_write_bytes(p, serialize_chunks(_row_arrays(originals, "::orig"), meta), fsync=fsync)
+    checked_state_dir(ckpt_path, create=True)
+    _plain_dir(p.parent, create=True)
+    write_record(p, row_arrays(originals, "::orig"), {"format": "patchkit.undo", "patch_id": patch_id}, fsync=fsync)
     return p
 
 
-def read_undo(ckpt_path: Path, patch_id: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+def read_undo(ckpt_path: Path, patch_id: str, ckpt=None) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The undo record of a patch, checked (checksum, and against `ckpt` when given); None if absent."""
     p = undo_path(ckpt_path, patch_id)
-    if not p.exists():
+    if checked_state_dir(ckpt_path) is None or not regular_file(p):
         return None
     try:
-        return _read_row_arrays(p, read_header(p), "::orig")
-    except (STFormatError, OSError, KeyError) as e:
-        raise CheckpointError(f"undo record {p} is damaged ({e})") from None
+        meta, arrays = read_record(p, "patchkit.undo")
+    except (STFormatError, OSError) as e:
+        raise CheckpointError(f"undo record {p} is damaged ({e}); move it away (nothing was written)", path=p) from None
+    if meta.get("patch_id") != patch_id:
+        raise CheckpointError(f"undo record {p} belongs to another patch; move it away (nothing was written)", path=p)
+    return rows_from_arrays(p, arrays, "::orig", ckpt)
 
 
-def undo_rows(ckpt_path: Path, patch_id: str) -> dict[str, np.ndarray] | None:
-    """The rows each tensor's undo record covers, without reading the bytes it keeps."""
+def undo_rows(ckpt_path: Path, patch_id: str, ckpt=None) -> dict[str, np.ndarray] | None:
+    """The rows each tensor's undo record covers, without reading the bytes it keeps (so without the
+    checksum: nothing is written from this), checked against `ckpt` when given."""
     p = undo_path(ckpt_path, patch_id)
-    if not p.exists():
+    if checked_state_dir(ckpt_path) is None or not regular_file(p):
         return None
     try:
         header = read_header(p)
-        with open(p, "rb") as f:
-            return {k[: -len("::rows")]: read_tensor(i, f) for k, i in header.tensors.items() if k.endswith("::rows")}
+        with open_regular(p) as f:
+            out = {k[: -len("::rows")]: read_tensor(i, f) for k, i in header.tensors.items()
+                   if k.endswith("::rows") and i.dtype == "I64"}
     except (STFormatError, OSError) as e:
-        raise CheckpointError(f"undo record {p} is damaged ({e})") from None
+        raise CheckpointError(f"undo record {p} is damaged ({e}); move it away", path=p) from None
+    for name, rows in out.items():
+        check_rows(p, name, rows, ckpt)
+    return out
 
 
-def _row_arrays(records: dict[str, tuple[np.ndarray, np.ndarray]], suffix: str) -> dict[str, tuple[str, np.ndarray]]:
-    """name -> (rows, raw bytes) as the arrays NAME::rows (I64) and NAME<suffix> (U8) of a safetensors file."""
-    arrays = {}
-    for name, (rows, raw) in records.items():
-        arrays[f"{name}::rows"] = ("I64", rows)
-        arrays[f"{name}{suffix}"] = ("U8", raw)
-    return arrays
-
-
-def _read_row_arrays(path: Path, header, suffix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """NAME::rows and NAME<suffix> arrays of a safetensors file -> name -> (rows, raw bytes)."""
-    with open(path, "rb") as f:
-        arrays = {n: read_tensor(i, f) for n, i in header.tensors.items()}
-    return {
-        key[: -len("::rows")]: (arrays[key], arrays[key[: -len("::rows")] + suffix])
-        for key in arrays if key.endswith("::rows")
-    }
+# ---- garbage -------------------------------------------------------------------------------------------
+def garbage(ckpt_path: Path, keep: set[str] | None = None) -> list[Path]:
+    """What an interrupted write left that no applied patch refers to: undo records of other patches
+    and patchkit's own temporary files, matched by exact name. Anything else is left alone."""
+    d = checked_state_dir(ckpt_path)
+    if d is None:
+        return []
+    if keep is None:
+        keep = {r.id for r in load_state(ckpt_path).applied}
+    out = []
+    undo = d / UNDO_DIR
+    if undo.exists():
+        for p in undo.iterdir():
+            pid = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else None
+            if (pid is not None and _is_id(pid) and pid not in keep) or (
+                    _is_id(p.name[1:65]) and is_own_temp(p.name, f"{p.name[1:65]}.safetensors")):
+                out.append(p)
+    for p in d.iterdir():
+        if is_own_temp(p.name, STATE_FILE) or is_own_temp(p.name, "journal.safetensors"):
+            out.append(p)
+    return out
 
 
 def collect_garbage(ckpt_path: Path) -> None:
-    """Remove undo records no applied patch refers to, and the state folder when it is empty."""
+    """Remove `garbage`, then `undo/` and `.patchkit/` when they are empty."""
+    for p in garbage(ckpt_path):
+        if stat.S_ISREG(os.lstat(p).st_mode) or stat.S_ISLNK(os.lstat(p).st_mode):
+            os.unlink(p)  # a symlink itself, never what it points at
     d = state_dir(ckpt_path)
-    if not d.exists():
-        return
-    keep = {r.id for r in load_state(ckpt_path).applied}
-    undo = d / "undo"
-    if undo.exists():
-        for p in undo.iterdir():
-            if p.name.endswith(".safetensors") and p.name[: -len(".safetensors")] in keep:
-                continue
-            p.unlink()
-        if not any(undo.iterdir()):
-            undo.rmdir()
-    for p in d.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink()
-    if not any(d.iterdir()):
-        d.rmdir()
-
-
-# ---- lock ----------------------------------------------------------------------------------------
-@contextmanager
-def locked(ckpt_path: Path, exclusive: bool = True):
-    """Hold a lock on the checkpoint folder; fail at once when another process holds it."""
-    fd = os.open(ckpt_path, os.O_RDONLY)
-    try:
+    for folder in (d / UNDO_DIR, d):
         try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"another patchkit process is using {ckpt_path}; try again when it has finished") from None
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-# ---- journal -------------------------------------------------------------------------------------
-# An in-place write is journaled in one of two ways, both no bigger than the rows written:
-# - "undo": apply. The undo records of the patches (written whole before the journal) hold the bytes
-#   to put back; recovery writes them back, newest patch first, and restores the state before.
-# - "rows": revert. The journal holds, per tensor, the rows about to be overwritten and their current
-#   bytes; recovery writes them back and restores the state before.
-def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] | None = None,
-                  rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, fsync: bool = True) -> None:
-    """undo_ids: patches whose undo records roll the write back; or rows: tensor name -> (row
-    indices, their current bytes uint8 [n, row_bytes])."""
-    arrays = _row_arrays(rows or {}, "::bytes")
-    meta = {
-        "format": "patchkit.journal",
-        "mode": "undo" if undo_ids is not None else "rows",
-        "undo_ids": json.dumps(undo_ids or []),
-        "state_before": state_before.to_bytes().decode(),
-    }
-    d = state_dir(ckpt_path)
-    d.mkdir(exist_ok=True)
-    atomic_write_bytes(d / JOURNAL, serialize_chunks(arrays, meta), fsync=fsync)
-    if fsync:
-        _fsync_dir(d)
-
-
-def clear_journal(ckpt_path: Path, fsync: bool = True) -> None:
-    p = state_dir(ckpt_path) / JOURNAL
-    if p.exists():
-        p.unlink()
-        if fsync:
-            _fsync_dir(p.parent)
-
-
-def recover(ckpt_path: Path) -> bool:
-    """Roll back an interrupted in-place write, if any. Returns True when it did. Needs the lock."""
-    p = state_dir(ckpt_path) / JOURNAL
-    if not p.exists():
-        collect_garbage(ckpt_path)
-        return False
-    try:
-        header = read_header(p)
-        mode = header.metadata["mode"]
-        undo_ids = json.loads(header.metadata.get("undo_ids", "[]"))
-        before = json.loads(header.metadata["state_before"])
-    except (STFormatError, KeyError, json.JSONDecodeError, OSError):
-        # The journal is written whole and renamed into place: a damaged one was never committed,
-        # so no weight byte was written after it. Drop it.
-        p.unlink()
-        collect_garbage(ckpt_path)
-        return True
-    if mode not in ("undo", "rows"):
-        raise CheckpointError(f"{p} is an unfinished write of a kind this patchkit does not know ({mode}); "
-                              "finish it with the patchkit version that started it")
-    from .checkpoint import Checkpoint
-
-    ck = Checkpoint(ckpt_path)
-    if mode == "undo":
-        records = [read_undo(ckpt_path, pid) or {} for pid in reversed(undo_ids)]
-    else:
-        records = [_read_row_arrays(p, header, "::bytes")]
-    for record in records:
-        for name, (rows, raw) in record.items():
-            info = ck.info(name)
-            with open(info.file, "r+b") as f:
-                write_rows(info, rows, raw, f)
-                f.flush()
-                os.fsync(f.fileno())
-    state = State([AppliedRecord.from_json(r) for r in before["applied"]])
-    save_state(ckpt_path, state)
-    clear_journal(ckpt_path)
-    collect_garbage(ckpt_path)
-    return True
-
-
-def has_journal(ckpt_path: Path) -> bool:
-    return (state_dir(ckpt_path) / JOURNAL).exists()
+            if _plain_dir(folder) and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:
+            pass
 
 
 def has_leftovers(ckpt_path: Path) -> bool:
-    """Files an interrupted write left without a journal: undo records no applied patch refers to
-    (a kill after the undo record, before the journal), temporary files, an empty state folder."""
-    d = state_dir(ckpt_path)
-    if not d.is_dir():
+    """Files an interrupted write left without a journal, or an empty state folder."""
+    d = checked_state_dir(ckpt_path)
+    if d is None:
         return False
-    keep = {r.id for r in load_state(ckpt_path).applied}
-    undo = d / "undo"
-    if undo.is_dir() and any(
-        not (p.name.endswith(".safetensors") and p.name[: -len(".safetensors")] in keep) for p in undo.iterdir()
-    ):
-        return True
-    return any(p.name.startswith(".") and p.name.endswith(".tmp") for p in d.iterdir()) or not any(d.iterdir())
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return bool(garbage(ckpt_path)) or not any(d.iterdir()) or (
+        (d / UNDO_DIR).exists() and not any((d / UNDO_DIR).iterdir()))
 
 
 def crashpoint(name: str) -> None:
@@ -288,11 +294,13 @@ def crashpoint(name: str) -> None:
 
 def copy_state(src: Path, dst: Path) -> None:
     """Carry the applied-patch records (not a journal) from one checkpoint folder to another."""
-    s = state_dir(src)
-    if not (s / STATE_FILE).exists():
+    state = load_state(src)
+    if not state.applied:
         return
-    d = state_dir(dst)
-    d.mkdir(exist_ok=True)
-    shutil.copy2(s / STATE_FILE, d / STATE_FILE)
-    if (s / "undo").exists():
-        shutil.copytree(s / "undo", d / "undo", dirs_exist_ok=True)
+    checked_state_dir(dst, create=True)
+    (state_dir(dst) / UNDO_DIR).mkdir(exist_ok=True)
+    atomic_write_bytes(state_dir(dst) / STATE_FILE, state.to_bytes(), fsync=False)
+    for rec in state.applied:
+        p = undo_path(src, rec.id)
+        if regular_file(p):
+            shutil.copyfile(p, undo_path(dst, rec.id))

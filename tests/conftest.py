@@ -145,9 +145,10 @@ def run_cli_subprocess(args: list[str], env_extra: dict | None = None, **kw) -> 
     env = dict(os.environ)
     env.pop("PATCHKIT_CRASH_AT", None)
     env.update(env_extra or {})
+    kw.setdefault("timeout", 120)
     return subprocess.run(
         [sys.executable, "-m", "patchkit", *map(str, args)],  # the console script's own entry point
-        env=env, capture_output=True, text=True, timeout=120, **kw,
+        env=env, capture_output=True, text=True, **kw,
     )
 
 

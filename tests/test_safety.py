@@ -17,6 +17,7 @@ import helpers
 from conftest import build_patch, run_cli_subprocess
 from helpers import snapshot
 from patchkit import ops
+from patchkit import journal as jn
 from patchkit import state as st
 from patchkit.checkpoint import Checkpoint
 from patchkit.errors import (
@@ -284,7 +285,7 @@ def test_a_folder_another_run_is_still_building_is_left_alone(ckpts, make_patch,
     ck = ckpts[("bf16", False)]
     patch = make_patch(ck)
     out = tmp_path / "out"
-    busy, dead = tmp_path / ".out.busy.patchkit-tmp", tmp_path / ".out.dead.patchkit-old"
+    busy, dead = tmp_path / ".out.busy0000.patchkit-tmp", tmp_path / ".out.dead0000.patchkit-tmp"  # as mkdtemp names them
     for d in (busy, dead):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
@@ -321,14 +322,20 @@ def test_a_locked_checkpoint_is_refused(copy_ckpt, make_patch, tmp_path, cli_run
     ck = copy_ckpt("bf16", True)
     p = make_patch(ck)
     before = folder_state(tmp_path)
-    with st.locked(ck):
-        assert_clean_error(cli_runner("apply", p, ck, "--in-place"), LockedError.exit_code, "another patchkit process is using")
+    with jn.locked(ck):
+        assert_clean_error(cli_runner("apply", p, ck, "--in-place"), LockedError.exit_code, "another patchkit process is writing")
         assert_clean_error(cli_runner("apply", p, ck, "-o", tmp_path / "out"), LockedError.exit_code, "another patchkit process")
         assert_clean_error(cli_runner("revert", p, ck, "--in-place"), LockedError.exit_code, "another patchkit process")
         with pytest.raises(LockedError):
             ops.apply(p, ck, in_place=True)
-        # status only reads, and still works
-        assert cli_runner("status", ck).exit_code == 0
+        # status waits for a write in progress (a read in its middle could see half of it), then says so
+        assert_clean_error(cli_runner("status", ck, "--wait", "0.2"), LockedError.exit_code, "is writing")
+    # a reader's shared lock lets other readers (status, apply -o) go on, and keeps writers out
+    with jn.locked(ck, exclusive=False):
+        assert cli_runner("status", ck, "--wait", "0").exit_code == 0
+        assert cli_runner("apply", p, ck, "-o", tmp_path / "out2").exit_code == 0
+        assert_clean_error(cli_runner("apply", p, ck, "--in-place"), LockedError.exit_code, "another patchkit process")
+    shutil.rmtree(tmp_path / "out2", ignore_errors=True)
     assert folder_state(tmp_path) == before
     # released: it goes through
     assert cli_runner("apply", p, ck, "--in-place").exit_code == 0
