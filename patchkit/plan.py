@@ -84,6 +84,7 @@ class Plan:
     overlay: _Overlay
     state_after: st.State
     undo: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    undo_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # sha256 of each undo record's bytes
     forced: list[str] = field(default_factory=list)
     exact: bool = True
     max_error_ulps: float = 0.0
@@ -204,6 +205,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
         if forced_here:
             plan.forced.append(pid)
         plan.undo[pid] = originals
+        plan.undo_hashes[pid] = {name: r.found for name, r in zip(names, results)}
         src = str(patch.path) if patch.path is not None else None
         plan.state_after.applied.append(st.AppliedRecord(pid, src, patch.rows, forced_here, list(patch.parents), tensors))
         plan.patch_ids.append(pid)

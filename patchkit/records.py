@@ -33,17 +33,27 @@ def regular_file(p: Path) -> bool:
     return True
 
 
-def _record_digest(meta: dict[str, str], data_chunks) -> str:
+def _record_digest(meta: dict[str, str], array_digests: list[str]) -> str:
+    """sha256 over the canonical metadata (without `sha256`), then the sha256 of each array's bytes
+    in name order: so the bytes of rows whose hash a plan already holds are not hashed twice."""
     h = hashlib.sha256(canonical({k: v for k, v in meta.items() if k != "sha256"}))
-    for c in data_chunks:
-        h.update(c)
+    for d in array_digests:
+        h.update(bytes.fromhex(d))
     return h.hexdigest()
 
 
-def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray]], meta: dict[str, str], fsync: bool = True) -> None:
-    """A safetensors file whose metadata carries `sha256` over its other metadata and its data."""
+def _sha256(buf) -> str:
+    return hashlib.sha256(buf).hexdigest()
+
+
+def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray]], meta: dict[str, str], fsync: bool = True,
+                 digests: dict[str, str] | None = None) -> None:
+    """A safetensors file whose metadata carries `sha256` over its other metadata and its arrays.
+    `digests`: the sha256 of some arrays' bytes, already known (the rows a plan has hashed)."""
+    digests = digests or {}
     chunks = serialize_chunks(arrays, meta)
-    meta = {**meta, "sha256": _record_digest(meta, chunks[1:])}
+    names = sorted(arrays)
+    meta = {**meta, "sha256": _record_digest(meta, [digests.get(n) or _sha256(c) for n, c in zip(names, chunks[1:])])}
     atomic_write_bytes(path, serialize_chunks(arrays, meta), fsync=fsync)
 
 
@@ -59,7 +69,9 @@ def read_record(path: Path, kind: str, limit: int | None = None) -> tuple[dict[s
     start = 8 + header.size
     end = max((i.offset + i.nbytes for i in header.tensors.values()), default=start)
     data = pread_exact(path, start, end - start)
-    if "sha256" in meta and meta["sha256"] != _record_digest(meta, [data]):
+    slices = [(i.offset - start, i.offset - start + i.nbytes) for _, i in sorted(header.tensors.items())]
+    view = memoryview(data)
+    if "sha256" in meta and meta["sha256"] != _record_digest(meta, [_sha256(view[a:b]) for a, b in slices]):
         raise CheckpointError(f"{path} does not match its checksum (damaged or edited); move it away "
                               "(nothing was written)", path=path)
     arrays = {}

@@ -199,12 +199,16 @@ def undo_path(ckpt_path: Path, patch_id: str) -> Path:
     return state_dir(ckpt_path) / UNDO_DIR / f"{patch_id}.safetensors"
 
 
-def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True) -> Path:
-    """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes])."""
+def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True,
+               hashes: dict[str, str] | None = None) -> Path:
+    """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes]); hashes: tensor
+    name -> sha256 of those bytes, where the caller has it already."""
     p = undo_path(ckpt_path, patch_id)
     checked_state_dir(ckpt_path, create=True)
     _plain_dir(p.parent, create=True)
-    write_record(p, row_arrays(originals, "::orig"), {"format": "patchkit.undo", "patch_id": patch_id}, fsync=fsync)
+    digests = {f"{name}::orig": h for name, h in (hashes or {}).items()}
+    write_record(p, row_arrays(originals, "::orig"), {"format": "patchkit.undo", "patch_id": patch_id}, fsync=fsync,
+                 digests=digests)
     return p
 
 

@@ -137,7 +137,7 @@ def write_in_place(plan: Plan, fsync: bool = False) -> None:
     try:
         for pid, originals in plan.undo.items():
             with _Step("writing the undo record in", ck.state_dir):
-                st.write_undo(ck.path, pid, originals, fsync=fsync)
+                st.write_undo(ck.path, pid, originals, fsync=fsync, hashes=plan.undo_hashes.get(pid))
         st.crashpoint("after-undo")
         before = st.load_state(ck.path)
         with _Step("writing the journal in", ck.state_dir):
