@@ -99,7 +99,9 @@ def inspect(patch, as_json):
             click.echo(f"parents    {', '.join(_short(p) for p in s['parents'])}")
         click.echo(f"rows       {s['rows']} in {len(s['tensors'])} tensor(s)")
         for t in s["tensors"]:
-            click.echo(f"  {t['name']:<48} {t['rows']:>7} / {t['of_rows']:<7} {t['encoding']:<9} {t['dtype']} {t['shape']}")
+            enc = t["encoding"] + (f" r{t['rank']}" if t.get("encoding") == "lowrank" else "")
+            extra = f" +{t['exceptions']} exceptions" if t.get("exceptions") else ""
+            click.echo(f"  {t['name']:<48} {t['rows']:>7} / {t['of_rows']:<7} {enc:<9} {t['dtype']} {t['shape']}{extra}")
         if s["eval"]:
             click.echo(f"eval       {json.dumps(s['eval'], sort_keys=True)}")
 

@@ -4,7 +4,10 @@ The patch reproduces the edited checkpoint bit for bit when applied to the base:
 as float32 deltas when adding them back gives exactly the edited bytes, and as replacement values
 in the tensor's dtype otherwise. The deltas are factored (one vector, scaled per row or not) when
 one vector reproduces every row: exactly, or through the rounding of the checkpoint's dtype, which
-is how an edit `w + alpha * v` saved in bf16 comes back as the small patch that made it.
+is how an edit `w + alpha * v` saved in bf16 comes back as the small patch that made it. Otherwise a
+tensor whose change is close to rank r <= `max_rank` (abliteration, projections, ROME/MEMIT-style
+edits) is stored `lowrank` (format v1.1) with exceptions for the elements the factors do not round
+to, when that is at most LOWRANK_MAX_FRACTION of the dense deltas' bytes (`lowrank.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, STORAGE, to_float
 from .errors import BaseMismatchError, PatchkitError, TooDenseError, UnsupportedError
 from .format import Patch, TensorEdit, make_edit, rows_hash
+from .lowrank import DEFAULT_MAX_RANK, fit_lowrank
 from .parallel import map_ordered
 from .stfile import read_rows
 
@@ -37,8 +41,18 @@ def _changed_rows(info_a, info_b) -> np.ndarray:
     return np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
 
 
-def _edit_for(name, info, rows, old, new) -> TensorEdit:
+def _edit_for(name, info, rows, old, new, max_rank=DEFAULT_MAX_RANK) -> TensorEdit:
     """The most compact encoding that reproduces `new` exactly from `old`."""
+    edit = _edit_v1(name, info, rows, old, new)
+    if max_rank and edit.encoding in ("dense", "replace") and info.dtype in FLOAT_DTYPES:
+        low = fit_lowrank(name, tuple(info.shape), info.dtype, rows, old, new, max_rank, _rounding_bounds)
+        if low is not None:
+            return low
+    return edit
+
+
+def _edit_v1(name, info, rows, old, new) -> TensorEdit:
+    """The most compact format v1 encoding that reproduces `new` exactly from `old`."""
     shape, dtype = tuple(info.shape), info.dtype
     elems = np.ascontiguousarray(new).view(STORAGE[dtype]).reshape(len(rows), -1)
     if dtype in FLOAT_DTYPES and dtype != "F64":
@@ -149,8 +163,11 @@ def _exact_factored(name, shape, dtype, rows, old, new, direction, scale) -> Ten
     return edit
 
 
-def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=False, description=None) -> Patch:
-    """Compare two checkpoints and return (and with `output`, save) the patch from base to edited."""
+def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=False, description=None,
+         max_rank: int = DEFAULT_MAX_RANK) -> Patch:
+    """Compare two checkpoints and return (and with `output`, save) the patch from base to edited.
+
+    `max_rank` bounds the `lowrank` search (0: format v1 encodings only, as before v1.1)."""
     a, b = Checkpoint(base), Checkpoint(edited)
     only_a, only_b = sorted(set(a.tensors) - set(b.tensors)), sorted(set(b.tensors) - set(a.tensors))
     if only_a or only_b:
@@ -177,9 +194,12 @@ def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=Fal
         frac = len(rows) / ia.n_rows
         if frac > max_changed:
             if not full:
-                return frac
+                # a change of most rows may still be a compact low-rank one (a projection, an abliteration)
+                low = (fit_lowrank(name, tuple(ia.shape), ia.dtype, rows, read_rows(ia, rows), read_rows(ib, rows), max_rank,
+                                   _rounding_bounds) if max_rank and ia.dtype in FLOAT_DTYPES else None)
+                return frac if low is None else low
             rows = np.arange(ia.n_rows, dtype=np.int64)
-        return _edit_for(name, ia, rows, read_rows(ia, rows), read_rows(ib, rows))
+        return _edit_for(name, ia, rows, read_rows(ia, rows), read_rows(ib, rows), max_rank)
 
     edits, dense = {}, []
     for name, r in zip(names, map_ordered(compare, names)):  # tensors side by side, on every core

@@ -9,8 +9,13 @@ with B [out, r] and A [r, in]; lora_alpha = r makes scaling 1.
 - dense: the rank of the delta (SVD, float64). At full row rank (r = number of rows) B is the 0/1
   matrix selecting the rows and A the deltas themselves: exact. Below it, or with `rank=R`, B and A
   come from the truncated SVD and the error is reported per module.
-- replace, 1-d tensors, non-`.weight` tensors and embeddings are not Linear deltas: they are named
-  in an error, or left out with `skip_unsupported=True` and listed in the result.
+- lowrank (format v1.1, new row i = old + U[i] @ V): rank r, B[rows] = U (zeros elsewhere), A = V.
+  At rank 1 B @ A is the patch's own product, exact; at rank r > 1 a matrix product may sum the r
+  terms in another order than the patch's (docs/format.md) and differ in the last float32 bit.
+  Exceptions (exact values) cannot be carried by a LoRA delta: the module is marked not exact and
+  the count reported.
+- replace and scale edits, 1-d tensors, non-`.weight` tensors and embeddings are not Linear deltas:
+  they are named in an error, or left out with `skip_unsupported=True` and listed in the result.
 
 LoRA adds B @ A x in the activation dtype at run time while the patch rounds W + delta once to the
 weight dtype: the outputs agree up to that rounding (docs/merge.md has the measured numbers).
@@ -41,6 +46,8 @@ def unsupported_reason(edit: TensorEdit) -> str | None:
     """Why this edit cannot be a LoRA delta on a Linear layer, or None when it can."""
     if edit.encoding == "replace":
         return "its rows are replaced whole (no delta)"
+    if edit.encoding == "scale":
+        return "it is a scale edit (rows multiplied by gamma), which is no fixed delta: a LoRA adapter cannot express it"
     if not edit.name.endswith(".weight"):
         return "it is not a module's .weight"
     if len(edit.shape) != 2:
@@ -53,13 +60,33 @@ def unsupported_reason(edit: TensorEdit) -> str | None:
 
 
 def lora_factors(edit: TensorEdit, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(B [out, r], A [r, in], report) for one Linear weight's edit; report has rank, exact, errors."""
+    """(B [out, r], A [r, in], report) for one Linear weight's edit; report has rank, exact, errors
+    (and `exceptions`, the count of exact values a LoRA delta leaves out, when the edit has any)."""
+    b, a, rep = _lora_factors(edit, rank)
+    if edit.n_exceptions:
+        rep.update(exact=False, exceptions=edit.n_exceptions)
+    return b, a, rep
+
+
+def _lora_factors(edit: TensorEdit, rank: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     out_dim = edit.shape[0]
     if edit.encoding == "factored":
         b = np.zeros((out_dim, 1), dtype=np.float32)
         b[edit.rows, 0] = edit.scale if len(edit.scale) == edit.n_rows else edit.scale[0]
         a = edit.direction[None, :].astype(np.float32)
         return b, a, {"rank": 1, "method": "factored", "exact": True, "max_abs_error": 0.0, "rel_error": 0.0}
+    if edit.encoding == "lowrank":
+        b = np.zeros((out_dim, edit.rank), dtype=np.float32)
+        b[edit.rows] = edit.u
+        a = edit.v.astype(np.float32).copy()
+        delta = edit.deltas()
+        approx = (b[edit.rows] @ a).astype(np.float32)
+        err = np.abs(approx.astype(np.float64) - delta)
+        norm = float(np.linalg.norm(delta))
+        exact = bool(np.array_equal(approx.view(np.uint32), delta.view(np.uint32))) and not edit.n_exceptions
+        return b, a, {"rank": edit.rank, "method": "lowrank", "exact": exact, "exceptions": edit.n_exceptions,
+                      "max_abs_error": float(err.max()) if err.size else 0.0,
+                      "rel_error": float(np.linalg.norm(err) / norm) if norm else 0.0}
     delta = edit.delta
     n = edit.n_rows
     u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)

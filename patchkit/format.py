@@ -15,15 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, patchcheck
-from .dtypes import FLOAT_DTYPES, STORAGE, add_to_rows, from_float, is_finite, named, shown, to_float
-from .errors import PatchFormatError
+from . import __version__, encodings, patchcheck
+from .dtypes import FLOAT_DTYPES, add_to_rows, from_float, is_finite, named, shown, to_float
+from .encodings import factorize
+from .errors import PatchFormatError, UnsupportedError
 from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, read_tensor, serialize
 
 FORMAT_NAME = "patchkit.patch"
 FORMAT_VERSION = 1
-ENCODINGS = ("dense", "factored", "replace")
-KNOWN_KEYS = {"format", "format_version", "id", "tensors", "base", "provenance", "parents", "eval", "description"}
+FORMAT_MINOR = 1  # v1.1: `lowrank`, `scale` and exceptions; written as format_minor only by files that use them
+ENCODINGS = encodings.ENCODINGS
+KNOWN_KEYS = {"format", "format_version", "format_minor", "id", "tensors", "base", "provenance", "parents", "eval", "description"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 
 
@@ -58,6 +60,11 @@ class TensorEdit:
     - dense:    new = round(old + delta[i])             delta float32 [n, cols]
     - factored: new = round(old + scale[i] * direction)  direction float32 [cols], scale [n] or [1]
     - replace:  new = values[i]                          values in the tensor's own dtype
+    - lowrank:  new = round(old + U[i] @ V)              U float32 [n, r], V float32 [r, cols] (v1.1)
+    - scale:    new = round(gamma[i] * old)              gamma float32 [n] or [1] (v1.1)
+    Every encoding but replace may carry exceptions (v1.1): flat indices into the n x cols edited
+    elements, int64, and their exact values in the tensor's dtype, set after the arithmetic.
+    The arithmetic of the v1.1 parts is in `encodings`.
     """
 
     name: str
@@ -71,6 +78,24 @@ class TensorEdit:
     direction: np.ndarray | None = None
     scale: np.ndarray | None = None
     values: np.ndarray | None = None
+    u: np.ndarray | None = None
+    v: np.ndarray | None = None
+    gamma: np.ndarray | None = None
+    exc_index: np.ndarray | None = None
+    exc_values: np.ndarray | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return {"lowrank": None if self.u is None else int(self.u.shape[1]), "factored": 1}.get(self.encoding)
+
+    @property
+    def n_exceptions(self) -> int:
+        return 0 if self.exc_index is None else int(len(self.exc_index))
+
+    @property
+    def minor(self) -> int:
+        """The format minor version this edit needs: 1 for the v1.1 encodings and exceptions, else 0."""
+        return int(self.encoding in encodings.V11_ENCODINGS or self.exc_index is not None)
 
     @property
     def n_rows(self) -> int:
@@ -81,9 +106,13 @@ class TensorEdit:
         return n_rows_cols(self.shape)[1]
 
     def deltas(self) -> np.ndarray:
-        """The per-row float32 deltas (dense and factored encodings)."""
+        """The per-row float32 deltas (dense, factored and lowrank encodings; exceptions not included)."""
         if self.encoding == "dense":
             return self.delta
+        if self.encoding == "lowrank":
+            return encodings.lowrank_delta(self.u, self.v)
+        if self.encoding == "scale":
+            raise UnsupportedError(f"tensor {named(self.name)}: a scale edit multiplies its rows and has no deltas")
         if self.encoding == "factored":
             scale = self.scale if len(self.scale) == len(self.rows) else np.repeat(self.scale, len(self.rows))
             return (scale[:, None].astype(np.float32) * self.direction[None, :]).astype(np.float32)
@@ -99,8 +128,16 @@ class TensorEdit:
             new = np.ascontiguousarray(self.values).view(np.uint8).reshape(old_raw.shape)
             return new, not bool(is_finite(new, self.dtype).all()) if self.dtype in FLOAT_DTYPES else False
         if self.encoding == "factored":
-            return add_to_rows(old_raw, self.dtype, direction=self.direction, scale=self.scale)
-        return add_to_rows(old_raw, self.dtype, delta=self.delta)
+            new, bad = add_to_rows(old_raw, self.dtype, direction=self.direction, scale=self.scale)
+        elif self.encoding == "lowrank":
+            new, bad = encodings.apply_lowrank(old_raw, self.dtype, self.u, self.v)
+        elif self.encoding == "scale":
+            new, bad = encodings.apply_scale(old_raw, self.dtype, self.gamma)
+        else:
+            new, bad = add_to_rows(old_raw, self.dtype, delta=self.delta)
+        if self.exc_index is not None:
+            new, bad = encodings.apply_exceptions(new, self.dtype, self.exc_index, self.exc_values)
+        return new, bad
 
     def arrays(self) -> dict[str, tuple[str, np.ndarray]]:
         out = {f"{self.name}::rows": ("I64", self.rows)}
@@ -109,88 +146,50 @@ class TensorEdit:
         elif self.encoding == "factored":
             out[f"{self.name}::direction"] = ("F32", self.direction)
             out[f"{self.name}::scale"] = ("F32", self.scale)
+        elif self.encoding == "lowrank":
+            out[f"{self.name}::U"] = ("F32", self.u)
+            out[f"{self.name}::V"] = ("F32", self.v)
+        elif self.encoding == "scale":
+            out[f"{self.name}::gamma"] = ("F32", self.gamma)
         else:
             out[f"{self.name}::values"] = (self.dtype, self.values)
+        if self.exc_index is not None:
+            out[f"{self.name}::exceptions"] = ("I64", self.exc_index)
+            out[f"{self.name}::exception_values"] = (self.dtype, self.exc_values)
         return out
 
     def validate(self) -> None:
-        n_rows, n_cols = n_rows_cols(self.shape)
-        where = f"tensor {named(self.name)}"
-        if self.encoding not in ENCODINGS:
-            raise PatchFormatError(f"{where}: unknown encoding {self.encoding!r}")
-        if self.dtype not in STORAGE:
-            raise PatchFormatError(f"{where}: unknown dtype {self.dtype!r}")
-        if self.encoding != "replace" and self.dtype not in FLOAT_DTYPES:
-            raise PatchFormatError(f"{where}: deltas need a float tensor, base dtype is {self.dtype}")
-        r = self.rows
-        if r.ndim != 1 or r.dtype != np.int64:
-            raise PatchFormatError(f"{where}: row indices must be a 1-d int64 array")
-        if len(r) == 0:
-            raise PatchFormatError(f"{where}: the edit touches no rows")
-        if np.any(np.diff(r) <= 0):
-            dup = bool(np.any(np.diff(r) == 0))
-            raise PatchFormatError(f"{where}: row indices are {'duplicated' if dup else 'not sorted'}")
-        if r[0] < 0 or r[-1] >= n_rows:
-            raise PatchFormatError(f"{where}: row index {int(r[-1] if r[-1] >= n_rows else r[0])} is out of range 0..{n_rows - 1}")
-        n = len(r)
-        if self.encoding == "dense":
-            _check_array(self.delta, (n, n_cols), np.float32, f"{where} delta")
-        elif self.encoding == "factored":
-            _check_array(self.direction, (n_cols,), np.float32, f"{where} direction")
-            if self.scale is None or self.scale.shape not in ((n,), (1,)):
-                raise PatchFormatError(f"{where}: scale must have {n} entries or 1")
-            _check_array(self.scale, self.scale.shape, np.float32, f"{where} scale")
-        else:
-            if self.values is None or self.values.shape != (n, n_cols) or self.values.dtype != STORAGE[self.dtype]:
-                raise PatchFormatError(f"{where}: replacement values must be [{n}, {n_cols}] of {self.dtype}")
+        encodings.validate_edit(self, n_rows_cols(self.shape))
 
 
-def _check_array(a, shape, dtype, what) -> None:
-    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-        got = "missing" if a is None else f"{a.dtype} {list(a.shape)}"
-        raise PatchFormatError(f"{what} must be {np.dtype(dtype).name} {list(shape)}, found {got}")
-    if not np.all(np.isfinite(a)):
-        raise PatchFormatError(f"{what} contains NaN or inf")
-
-
-def factorize(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(direction, scale) that reproduce `delta` bit for bit as scale[i] * direction, else None."""
-    if delta.size == 0:
-        return None
-    bits = np.ascontiguousarray(delta, dtype=np.float32).view(np.uint32)  # bit for bit: -0.0 is not 0.0
-    if np.all(bits == bits[0:1]):
-        return delta[0].astype(np.float32).copy(), np.ones(1, dtype=np.float32)
-    d64 = delta.astype(np.float64)
-    norms = np.einsum("ij,ij->i", d64, d64)
-    nonzero = np.flatnonzero(norms > 0)
-    if nonzero.size == 0:
-        return None
-    # The direction is one of the rows; try the largest, the smallest and the first, so that rows
-    # s[i] * v are found whenever v (or an exact power-of-two multiple of it) is among them.
-    for i in dict.fromkeys([int(np.argmax(norms)), int(nonzero[np.argmin(norms[nonzero])]), int(nonzero[0])]):
-        v = delta[i].astype(np.float32)
-        scale = (d64 @ v.astype(np.float64) / norms[i]).astype(np.float32)
-        if np.array_equal((scale[:, None] * v[None, :]).view(np.uint32), bits):
-            return v.copy(), scale
-    return None
-
-
-def make_edit(name, shape, dtype, rows, base_raw, *, delta=None, values=None, factor=True) -> TensorEdit:
-    """Build an edit from float32 deltas (factored automatically when exact) or replacement values.
+def make_edit(name, shape, dtype, rows, base_raw, *, delta=None, values=None, factor=True, u=None, v=None,
+              gamma=None, exceptions=None) -> TensorEdit:
+    """Build an edit from float32 deltas (factored automatically when exact), replacement values, low-rank
+    factors `u` [n, r] and `v` [r, cols], or per-row factors `gamma`; `exceptions` = (flat indices, values)
+    are set after the arithmetic (format v1.1).
 
     `base_raw` is the raw bytes of the touched rows in the base, for the fingerprint.
     """
     rows = np.asarray(rows, dtype=np.int64)
     base = rows_hash(base_raw)
+    shape = tuple(shape)
     if values is not None:
-        edit = TensorEdit(name, tuple(shape), dtype, rows, "replace", base, values=values)
+        edit = TensorEdit(name, shape, dtype, rows, "replace", base, values=values)
+    elif u is not None:
+        edit = TensorEdit(name, shape, dtype, rows, "lowrank", base, u=np.ascontiguousarray(u, dtype=np.float32),
+                          v=np.ascontiguousarray(v, dtype=np.float32))
+    elif gamma is not None:
+        edit = TensorEdit(name, shape, dtype, rows, "scale", base, gamma=np.ascontiguousarray(gamma, dtype=np.float32))
     else:
         delta = np.ascontiguousarray(delta, dtype=np.float32)
         fac = factorize(delta) if factor else None
         if fac is not None:
-            edit = TensorEdit(name, tuple(shape), dtype, rows, "factored", base, direction=fac[0], scale=fac[1])
+            edit = TensorEdit(name, shape, dtype, rows, "factored", base, direction=fac[0], scale=fac[1])
         else:
-            edit = TensorEdit(name, tuple(shape), dtype, rows, "dense", base, delta=delta)
+            edit = TensorEdit(name, shape, dtype, rows, "dense", base, delta=delta)
+    if exceptions is not None and len(exceptions[0]):
+        edit.exc_index = np.ascontiguousarray(exceptions[0], dtype=np.int64)
+        edit.exc_values = np.ascontiguousarray(exceptions[1])
     edit.validate()
     edit.result_sha256 = rows_hash(edit.new_rows(np.asarray(base_raw, dtype=np.uint8)))
     return edit
@@ -217,9 +216,7 @@ class Patch:
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            "tensors": _dumps(
-                {n: {"encoding": e.encoding, "rows": e.n_rows} for n, e in sorted(self.edits.items())}
-            ),
+            "tensors": _dumps({n: _tensor_entry(e) for n, e in sorted(self.edits.items())}),
             "base": _dumps(
                 {
                     "model_id": self.base_model,
@@ -239,8 +236,15 @@ class Patch:
             meta["eval"] = _dumps(self.evaluation)
         if self.description:
             meta["description"] = self.description
+        if self.minor:
+            meta["format_minor"] = str(self.minor)
         meta.update(self.extra)
         return meta
+
+    @property
+    def minor(self) -> int:
+        """The format minor version the patch needs: 0 (written as plain v1, no format_minor key) or 1."""
+        return max(e.minor for e in self.edits.values()) if self.edits else 0
 
     def _arrays(self) -> dict[str, tuple[str, np.ndarray]]:
         arrays = {}
@@ -292,10 +296,11 @@ class Patch:
             raise PatchFormatError(
                 f"{path} uses patch format v{int(version)}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
             )
-        fields = patchcheck.check_metadata(path, meta, max_tensors)
+        minor = patchcheck.check_minor(path, meta, FORMAT_MINOR)
+        fields = patchcheck.check_metadata(path, meta, max_tensors, minor)
         if "unsupported" in fields:
             patchcheck.refuse_unsupported(path, header, meta, fields["unsupported"])
-        unknown = {k: v for k, v in meta.items() if k not in KNOWN_KEYS}
+        unknown = {k: v for k, v in meta.items() if k not in KNOWN_KEYS or (k == "format_minor" and minor == 0)}
         if unknown:
             listed = ", ".join(shown(k, 40) for k in sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             warnings.warn(f"{path}: unknown metadata keys kept as they are: {listed}", stacklevel=2)
@@ -335,12 +340,12 @@ class Patch:
             n_rows, n_cols = n_rows_cols(e.shape)
             tensors.append({
                 "name": name, "rows": e.n_rows, "of_rows": n_rows, "encoding": e.encoding,
-                "shape": list(e.shape), "dtype": e.dtype, "layer": layer,
+                "shape": list(e.shape), "dtype": e.dtype, "layer": layer, "rank": e.rank, "exceptions": e.n_exceptions,
             })
         nbytes = self.path.stat().st_size if self.path is not None and self.path.exists() else len(self.to_bytes())
         return {
             "id": self.id,
-            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}" + (f".{self.minor}" if self.minor else ""),
             "rows": self.rows,
             "tensors": tensors,
             "rows_per_layer": per_layer,
@@ -358,6 +363,13 @@ class Patch:
             "eval": self.evaluation,
             "description": self.description,
         }
+
+
+def _tensor_entry(e: TensorEdit) -> dict:
+    entry = {"encoding": e.encoding, "rows": e.n_rows}
+    if e.exc_index is not None:
+        entry["exceptions"] = e.n_exceptions
+    return entry
 
 
 def _dumps(obj) -> str:

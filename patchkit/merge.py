@@ -56,6 +56,7 @@ class Combined:
     direction: np.ndarray | None  # the parts' shared factored direction, when there is one
     scale: np.ndarray | None  # float32 [n]: per-row scales along `direction` (valid with it)
     owners: list[int]  # indices of the parts that contribute at least one row
+    factors: tuple[np.ndarray, np.ndarray] | None = None  # stacked (U [n, R], V [R, cols]) when a part is lowrank
 
 
 def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
@@ -65,6 +66,14 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
              a replaced row edited by another part is an error (a replacement has no delta).
     - last:  the last part touching a row decides it alone (its weighted delta, or its values).
     - error: any row edited by two parts is an error naming the tensor and rows.
+
+    When a part is `lowrank` (format v1.1) and every part is lowrank or factored, the result is the
+    parts' factors stacked in part order: U = [w_1 * U_1 | w_2 * U_2 | ...] (each scattered to the
+    union's rows, zero elsewhere, the weight multiplied in float32; a factored part is U = scale,
+    V = direction), V = [V_1; V_2; ...]; its delta is the lowrank arithmetic of docs/format.md, so a
+    sum of a rank-r and a rank-s edit is one rank r+s edit rounded once. Under `last`, an earlier
+    part's U rows are zeroed where a later part takes the row. Edits that carry exceptions (exact
+    values) and `scale` edits (a product, not a delta) cannot be summed, scaled or stacked: refused.
     """
     if on_overlap not in POLICIES:
         raise MergeError(f"unknown overlap policy {on_overlap!r}: use one of {', '.join(POLICIES)}")
@@ -77,6 +86,12 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
                 f"{p.edit.dtype} {list(p.edit.shape)}): they are for different models and cannot be merged",
                 tensor=name,
             )
+    for p in parts:
+        if (p.edit.n_exceptions or p.edit.encoding == "scale") and (len(parts) > 1 or p.weight != 1.0):
+            what = "carries exceptions (exact values)" if p.edit.n_exceptions else "is a scale edit (a product, not a delta)"
+            raise MergeError(f"tensor {name} of patch {p.label} {what}: it cannot be summed or scaled; "
+                             "apply the patches one after another instead", tensor=name)
+    stack = any(p.edit.encoding == "lowrank" for p in parts) and all(p.edit.encoding in ("lowrank", "factored") for p in parts)
     rows = parts[0].edit.rows
     for p in parts[1:]:
         rows = np.union1d(rows, p.edit.rows)
@@ -90,6 +105,7 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
     dirs = [p.edit.direction for p in parts if p.edit.encoding == "factored"]
     direction = dirs[0] if len(dirs) == len(parts) and all(np.array_equal(d.view(np.uint32), dirs[0].view(np.uint32)) for d in dirs) else None
     scale = np.zeros(n, dtype=np.float64)
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
     for i, p in enumerate(parts):
         e = p.edit
         pos = np.searchsorted(rows, e.rows)
@@ -110,6 +126,8 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
                 )
             if on_overlap == "last":
                 acc[pos[hit]], scale[pos[hit]], replaced[pos[hit]] = 0.0, 0.0, False
+                for bu, _ in blocks:
+                    bu[pos[hit]] = 0.0
         if e.encoding == "replace":
             if p.weight != 1.0:
                 raise MergeError(f"patch {p.label} replaces rows of tensor {name} whole; a replacement cannot be scaled: give it weight 1")
@@ -117,6 +135,13 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
                 values = np.zeros((n, cols), dtype=e.values.dtype)
             values[pos], replaced[pos], acc[pos] = e.values, True, 0.0
         else:
+            if stack:
+                eu, ev = (e.u, e.v) if e.encoding == "lowrank" else (
+                    np.broadcast_to(e.scale, (len(e.rows),))[:, None], e.direction[None, :])
+                bu = np.zeros((n, eu.shape[1]), dtype=np.float32)
+                with np.errstate(over="ignore"):
+                    bu[pos] = eu if p.weight == 1.0 else np.float32(p.weight) * eu
+                blocks.append((bu, np.asarray(ev, dtype=np.float32)))
             acc[pos] += float(p.weight) * e.deltas().astype(np.float64)
             if direction is not None:
                 s = e.scale if len(e.scale) == len(e.rows) else np.repeat(e.scale, len(e.rows))
@@ -128,8 +153,14 @@ def combine_edits(parts: list[Part], on_overlap: str = "sum") -> Combined:
         r = int(rows[np.argwhere(~np.isfinite(delta))[0][0]])
         raise NonFiniteError(f"the weighted sum of the deltas of tensor {name} overflows float32 at row {r}: use smaller --weights", tensor=name, row=r)
     owners = sorted({int(o) for o in owner})
+    factors = None
+    if stack:
+        factors = (np.ascontiguousarray(np.concatenate([b[0] for b in blocks], axis=1)),
+                   np.ascontiguousarray(np.concatenate([b[1] for b in blocks], axis=0)))
+        if not (np.isfinite(factors[0]).all()):
+            raise NonFiniteError(f"the weighted factors of tensor {name} overflow float32: use smaller --weights", tensor=name)
     return Combined(name, shape, dtype, rows, delta, replaced, values, direction,
-                    scale.astype(np.float32) if direction is not None else None, owners)
+                    scale.astype(np.float32) if direction is not None else None, owners, factors)
 
 
 def to_edit(c: Combined, base_sha256: str, base_raw: np.ndarray | None = None) -> TensorEdit:
@@ -150,6 +181,8 @@ def to_edit(c: Combined, base_sha256: str, base_raw: np.ndarray | None = None) -
             vals = add_delta(base_raw, c.delta, c.dtype).view(STORAGE[c.dtype]).copy()
             vals[c.replaced] = c.values[c.replaced]
         edit = TensorEdit(c.name, c.shape, c.dtype, c.rows, "replace", base_sha256, values=np.ascontiguousarray(vals))
+    elif c.factors is not None:
+        edit = TensorEdit(c.name, c.shape, c.dtype, c.rows, "lowrank", base_sha256, u=c.factors[0], v=c.factors[1])
     else:
         fac = None
         if c.direction is not None:

@@ -25,7 +25,11 @@ INT_LIMIT = 2**63  # sizes, offsets, row indices and element counts stay below t
 MAX_DIMS = 64  # dimensions of a tensor (numpy's own limit)
 MAX_FREE_VALUES = 1_000_000  # JSON values in `provenance` and `eval`
 MAX_FREE_DEPTH = 32  # nesting of `provenance` and `eval`
-PARTS = {"dense": ("rows", "delta"), "factored": ("rows", "direction", "scale"), "replace": ("rows", "values")}
+PARTS = {"dense": ("rows", "delta"), "factored": ("rows", "direction", "scale"), "replace": ("rows", "values"),
+         "lowrank": ("rows", "U", "V"), "scale": ("rows", "gamma")}
+EXCEPTION_PARTS = ("exceptions", "exception_values")
+V11 = ("lowrank", "scale")  # encodings that need format v1.1 (format_minor 1)
+_FIELD_OF = {"U": "u", "V": "v", "exceptions": "exc_index", "exception_values": "exc_values"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -157,7 +161,20 @@ def _opt_str(v) -> bool:
     return v is None or type(v) is str
 
 
-def check_metadata(path: Path, meta: dict[str, str], max_tensors: int) -> dict:
+def check_minor(path: Path, meta: dict[str, str], reads: int) -> int:
+    """The file's format minor version (`format_minor`, absent for plain v1 files), refused when it is
+    newer than the `reads` this version of patchkit knows."""
+    raw = meta.get("format_minor")
+    if raw is None:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,9}", raw):
+        raise PatchFormatError(f"{path}: format_minor is not a whole number")
+    if int(raw) > reads:
+        raise PatchFormatError(f"{path} uses patch format v1.{int(raw)}; this patchkit reads v1.{reads}: upgrade patchkit")
+    return int(raw)
+
+
+def check_metadata(path: Path, meta: dict[str, str], max_tensors: int, minor: int = 0) -> dict:
     """The JSON fields of a patch's metadata, parsed and type-checked:
     {"tensors": {name: (encoding, rows)}, "base": {...}, "tensor_base": {name: (shape, dtype, rows_sha256,
     result_sha256)}, "provenance": dict, "parents": [str], "eval": dict or None}."""
@@ -187,7 +204,14 @@ def check_metadata(path: Path, meta: dict[str, str], max_tensors: int) -> dict:
             raise _bad(path, f"{where}: tensors entries must hold an encoding string and a rows integer")
         if tm["encoding"] not in PARTS:
             raise PatchFormatError(f"{path}: tensor {named(name)} has unknown encoding {shown(tm['encoding'])}")
-        edits[name] = (tm["encoding"], tm["rows"])
+        exc = tm.get("exceptions")
+        if exc is not None and (type(exc) is not int or exc < 1):
+            raise _bad(path, f"{where}: exceptions must be a positive integer")
+        if (tm["encoding"] in V11 or exc is not None) and minor < 1:
+            what = f"encoding {tm['encoding']}" if tm["encoding"] in V11 else "exceptions"
+            raise PatchFormatError(f"{path}: tensor {named(name)} uses {what}, which needs patch format v1.1, "
+                                   "but the file does not declare it (format_minor)")
+        edits[name] = (tm["encoding"], tm["rows"], exc)
         bt = base_tensors.get(name)
         if bt is None:
             raise PatchFormatError(f"{path}: tensor {named(name)} has no base fingerprint")
@@ -241,19 +265,22 @@ def read_arrays(path: Path, header, read_tensor, open_file) -> dict[str, np.ndar
 def build_edits(path: Path, fields: dict, arrays: dict[str, np.ndarray], edit_class) -> dict:
     """The validated edits, each made of the arrays its encoding names; no array left undescribed."""
     edits, expected = {}, set()
-    for name, (enc, n_rows) in fields["tensors"].items():
-        keys = [f"{name}::{p}" for p in PARTS[enc]]
+    for name, (enc, n_rows, n_exc) in fields["tensors"].items():
+        parts = PARTS[enc] + (EXCEPTION_PARTS if n_exc is not None else ())
+        keys = [f"{name}::{p}" for p in parts]
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise PatchFormatError(f"{path}: missing tensor {named(missing[0])}")
         expected.update(keys)
-        got = {p: arrays[k] for p, k in zip(PARTS[enc], keys)}
+        got = {_FIELD_OF.get(p, p): arrays[k] for p, k in zip(parts, keys)}
         shape, dtype, rows_sha, result_sha = fields["tensor_base"][name]
-        edit = edit_class(name, shape, dtype, got["rows"], enc, rows_sha, result_sha, delta=got.get("delta"),
-                          direction=got.get("direction"), scale=got.get("scale"), values=got.get("values"))
+        rows = got.pop("rows")
+        edit = edit_class(name, shape, dtype, rows, enc, rows_sha, result_sha, **got)
         edit.validate()
         if n_rows != edit.n_rows:
             raise PatchFormatError(f"{path}: tensor {named(name)} row count does not match its metadata")
+        if (n_exc or 0) != edit.n_exceptions:
+            raise PatchFormatError(f"{path}: tensor {named(name)} exception count does not match its metadata")
         edits[name] = edit
     stray = set(arrays) - expected
     if stray:

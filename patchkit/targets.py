@@ -32,6 +32,7 @@ class Target:
     axis: int = 0  # 0: a neuron's input weights are a row; 1: a column (transposed storage)
     split: int = 1  # the neuron dimension is `split` equal chunks (fused tensors) ...
     part: int = 0  # ... and chunk `part` is the gate
+    kind: str = ""  # for `writes` entries: "mlp" or "attn", the sub-block whose output the tensor writes
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Family:
     gate_input: tuple[str, ...] = ("mlp",)  # paths from a decoder layer to the module whose input the gate reads
     supported: bool = True  # False: listed, but compute does not handle it yet
     note: str = ""
+    # tensors that write to the residual stream (the projection method edits their output dimension):
+    # axis 0 = the output (hidden) dimension is the rows (Linear [hidden, in]); axis 1 = the columns
+    # (GPT-2 Conv1D, stored [in, hidden])
+    writes: tuple[Target, ...] = ()
 
     @property
     def target(self) -> str:
@@ -59,29 +64,42 @@ _GATE = (Target(_P + r"mlp\.gate_proj\.weight$"),)
 _FUSED_EXPERTS = Target(_P + r"mlp\.experts\.gate_up_proj(?:\.weight)?$", split=2)  # [E, 2I, H], as in memory
 _LLAMA_PATHS = dict(layers=("layers", "language_model.layers"), norm=("norm", "language_model.norm"))
 
+
+def _writes(mlp: str, attn: str, prefix: str = _P, axis: int = 0) -> tuple[Target, ...]:
+    return (Target(prefix + mlp + r"\.weight$", axis, kind="mlp"), Target(prefix + attn + r"\.weight$", axis, kind="attn"))
+
+
+_LLAMA_WRITES = _writes(r"mlp\.down_proj", r"self_attn\.o_proj")
+
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama", "smollm3"), _GATE, **_LLAMA_PATHS),
-    Family("mistral", ("mistral",), _GATE, **_LLAMA_PATHS),
-    Family("qwen2", ("qwen2",), _GATE, **_LLAMA_PATHS),
-    Family("qwen3", ("qwen3",), _GATE, **_LLAMA_PATHS),
-    Family("gemma", ("gemma", "gemma2", "gemma3", "gemma3_text"), _GATE, **_LLAMA_PATHS),
+    Family("llama", ("llama", "smollm3"), _GATE, **_LLAMA_PATHS, writes=_LLAMA_WRITES),
+    Family("mistral", ("mistral",), _GATE, **_LLAMA_PATHS, writes=_LLAMA_WRITES),
+    Family("qwen2", ("qwen2",), _GATE, **_LLAMA_PATHS, writes=_LLAMA_WRITES),
+    Family("qwen3", ("qwen3",), _GATE, **_LLAMA_PATHS, writes=_LLAMA_WRITES),
+    Family("gemma", ("gemma", "gemma2", "gemma3", "gemma3_text"), _GATE, **_LLAMA_PATHS, writes=_LLAMA_WRITES),
     Family("phi3", ("phi3",), (Target(_P + r"mlp\.gate_up_proj\.weight$", split=2),),
-           note="fused gate_up_proj [2I, H]: the first I rows are the gate (chunk(2) in Phi3MLP)"),
+           note="fused gate_up_proj [2I, H]: the first I rows are the gate (chunk(2) in Phi3MLP)", writes=_LLAMA_WRITES),
     Family("mixtral", ("mixtral",), (Target(_P + r"block_sparse_moe\.experts\.\d+\.w1\.weight$"), _FUSED_EXPERTS),
            gate_input=("mlp", "block_sparse_moe"),
-           note="per-expert w1 (the gate) as saved; or fused experts.gate_up_proj [E, 2I, H], first half of dim -2"),
+           note="per-expert w1 (the gate) as saved; or fused experts.gate_up_proj [E, 2I, H], first half of dim -2",
+           writes=_writes(r"block_sparse_moe\.experts\.\d+\.w2", r"self_attn\.o_proj")),
     Family("qwen_moe", ("qwen2_moe", "qwen3_moe"),
            (Target(_P + r"mlp\.(?:experts\.\d+\.|shared_expert\.)?gate_proj\.weight$"), _FUSED_EXPERTS),
-           note="per-expert gate_proj, the shared expert's and dense layers' gate_proj; or fused experts.gate_up_proj"),
+           note="per-expert gate_proj, the shared expert's and dense layers' gate_proj; or fused experts.gate_up_proj",
+           writes=_writes(r"mlp\.(?:experts\.\d+\.|shared_expert\.)?down_proj", r"self_attn\.o_proj")),
     Family("gpt2", ("gpt2",), (Target(r"^(?:transformer\.)?h\.(?P<layer>\d+)\.mlp\.c_fc\.weight$", axis=1),),
-           layers=("h",), norm=("ln_f",), note="Conv1D stores weights transposed [in, out]: a neuron is a column"),
+           layers=("h",), norm=("ln_f",), note="Conv1D stores weights transposed [in, out]: a neuron is a column",
+           writes=_writes(r"mlp\.c_proj", r"attn\.c_proj", r"^(?:transformer\.)?h\.(?P<layer>\d+)\.", axis=1)),
     Family("gpt_neox", ("gpt_neox",), (Target(r"^(?:gpt_neox\.)?layers\.(?P<layer>\d+)\.mlp\.dense_h_to_4h\.weight$"),),
-           norm=("final_layer_norm",), note="no gate: the first MLP projection (before the activation)"),
+           norm=("final_layer_norm",), note="no gate: the first MLP projection (before the activation)",
+           writes=_writes(r"mlp\.dense_4h_to_h", r"attention\.dense", r"^(?:gpt_neox\.)?layers\.(?P<layer>\d+)\.")),
     Family("opt", ("opt",), (Target(r"^(?:model\.)?(?:decoder\.)?layers\.(?P<layer>\d+)\.fc1\.weight$"),),
            layers=("decoder.layers",), norm=("decoder.final_layer_norm",), gate_input=("fc1",),
-           note="no gate: fc1; OPT-350m projects the final state to another size, use --layer there"),
+           note="no gate: fc1; OPT-350m projects the final state to another size, use --layer there",
+           writes=_writes(r"fc2", r"self_attn\.out_proj", r"^(?:model\.)?(?:decoder\.)?layers\.(?P<layer>\d+)\.")),
     Family("falcon", ("falcon",), (Target(r"^(?:transformer\.)?h\.(?P<layer>\d+)\.mlp\.dense_h_to_4h\.weight$"),),
-           layers=("h",), norm=("ln_f",), note="no gate: the first MLP projection (before the activation)"),
+           layers=("h",), norm=("ln_f",), note="no gate: the first MLP projection (before the activation)",
+           writes=_writes(r"mlp\.dense_4h_to_h", r"self_attention\.dense", r"^(?:transformer\.)?h\.(?P<layer>\d+)\.")),
     Family("gpt_oss", ("gpt_oss",), (Target(_P + r"mlp\.experts\.gate_up_proj(?:_blocks)?$"),), supported=False,
            note="experts store gate and up interleaved along the columns, often MXFP4-quantized"),
 )
@@ -158,6 +176,24 @@ class Targets:
     axis: int
     family: str
     layouts: tuple[Layout, ...] = ()
+
+
+def residual_writers(ck: Checkpoint, kinds=("mlp", "attn")) -> list[tuple[int, str, int]]:
+    """(layer, tensor name, axis of the hidden dimension) of every tensor that writes to the residual
+    stream, of the `kinds` asked for, in layer order (the family's `writes` entries)."""
+    fam = family_for(ck)
+    specs = [t for t in fam.writes if t.kind in kinds]
+    if not specs:
+        raise UnsupportedError(f"architecture {fam.name} has no residual-writing tensors of kind {'/'.join(kinds)} in the table "
+                               "(fused MoE experts are not listed: their projection is not one low-rank edit per tensor)")
+    found = []
+    for name in ck.tensors:
+        for spec in specs:
+            m = re.search(spec.pattern, name)
+            if m and len(ck.tensors[name].shape) == 2:
+                found.append((int(m.group("layer")), name, spec.axis))
+                break
+    return sorted(found)
 
 
 def _layout(name: str, shape: tuple[int, ...], spec: Target) -> Layout:

@@ -290,3 +290,53 @@ def test_merged_equals_sequential_up_to_the_intermediate_rounding(base, tmp_path
               f"({n_big} by more than 1 ulp), max {max_ulp} ulp of the result, max abs {err.max():.3g}, "
               f"max error / bound {float((err / bound).max()):.2f}")
     assert n_diff < overlap.size // 2 and (overlap <= 1).mean() > 0.9
+
+
+# ---- format v1.1: lowrank factors stack ---------------------------------------------------------------------
+def lowrank_edit(ck: Checkpoint, name: str, rows, r: int, seed: int, exceptions=None) -> TensorEdit:
+    info = ck.info(name)
+    rng = np.random.default_rng(seed)
+    rows = np.asarray(rows, dtype=np.int64)
+    u = rng.standard_normal((len(rows), r)).astype(np.float32)
+    v = (rng.standard_normal((r, info.n_cols)) * 0.05).astype(np.float32)
+    return make_edit(name, info.shape, info.dtype, rows, ck.read_rows(name, rows), u=u, v=v, exceptions=exceptions)
+
+
+def test_lowrank_parts_stack_into_one_lowrank_edit(ckpts, tmp_path):
+    from patchkit.encodings import lowrank_delta
+
+    ck = Checkpoint(ckpts[("bf16", False)])
+    a = lowrank_edit(ck, GATE, [1, 4, 7], 2, 0)
+    b = lowrank_edit(ck, GATE, [4, 9], 1, 1)
+    f = edit(ck, GATE, [0, 9], delta=np.full(32, 0.25, np.float32))  # factored: rank 1
+    pa, pb, pf = (Patch(edits={e.name: e}, provenance={"method": "t", "params": {"i": i}}) for i, e in enumerate((a, b, f)))
+    m = merge_patches([pa, pb, pf], weights=[1.0, 0.5, 1.0], base=ck)
+    e = m.edits[GATE]
+    assert e.encoding == "lowrank" and e.rank == 4 and e.rows.tolist() == [0, 1, 4, 7, 9]
+    # U is each part's (weighted) U scattered to the union's rows; V the parts' V stacked in order
+    assert np.array_equal(e.v, np.concatenate([a.v, b.v, f.direction[None, :]]))
+    assert np.array_equal(e.u[[1, 2, 3], :2], a.u) and np.array_equal(e.u[[2, 4], 2:3], np.float32(0.5) * b.u)
+    assert not e.u[[0, 4], :2].any() and e.u[[0, 4], 3].tolist() == [1.0, 1.0]
+    base = ck.read_rows(GATE, e.rows)
+    from patchkit.dtypes import add_to_rows
+
+    assert np.array_equal(e.new_rows(base), add_to_rows(base, "BF16", delta=lowrank_delta(e.u, e.v))[0])
+    out = ops.apply(m, ckpts[("bf16", False)], tmp_path / "out")
+    assert out  # applies
+    last = merge_patches([pa, pb], on_overlap="last", base=ck).edits[GATE]
+    assert last.rows.tolist() == [1, 4, 7, 9]
+    assert not last.u[1, :2].any() and last.u[1, 2] == b.u[0, 0]  # row 4: the later part alone
+
+
+def test_exceptions_and_scale_edits_are_not_summed(ckpts):
+    ck = Checkpoint(ckpts[("bf16", False)])
+    a = lowrank_edit(ck, GATE, [1, 4], 1, 0, exceptions=(np.array([3]), np.array([0x3F80], np.uint16)))
+    b = lowrank_edit(ck, GATE, [4, 9], 1, 1)
+    pa, pb = (Patch(edits={e.name: e}, provenance={"method": "t", "params": {"i": i}}) for i, e in enumerate((a, b)))
+    with pytest.raises(MergeError, match="carries exceptions"):
+        merge_patches([pa, pb], base=ck)
+    info = ck.info(GATE)
+    s = make_edit(GATE, info.shape, info.dtype, np.array([4]), ck.read_rows(GATE, np.array([4])), gamma=np.array([0.5], np.float32))
+    with pytest.raises(MergeError, match="scale edit"):
+        merge_patches([Patch(edits={GATE: s}, provenance={"method": "s"}), pb], base=ck)
+    assert merge_patches([pa], base=ck).edits[GATE] is a  # alone and unweighted: kept as it is

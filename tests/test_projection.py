@@ -1,0 +1,157 @@
+"""The projection method: W <- W - lam * U U^T W on the tensors that write to the residual stream, stored as
+lowrank edits (+ exceptions) that reproduce the torch computation bit for bit, on every family of the table;
+and damping (AurA), stored as scale edits."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from patchkit import ops
+from patchkit.data import LabelledData
+from patchkit.errors import PatchkitError
+from patchkit.format import Patch
+from patchkit.damping import aura_gamma, auroc, damping_patch, neuron_activations
+from patchkit.projection import directions_from_features, projection_patch
+from test_architectures import LABELS, SPECS, TEXTS, zoo  # noqa: F401  (fixture)
+
+# written from the modelling code, not from patchkit.targets: the modules that add to the residual stream,
+# and whether the weight is stored [hidden, in] (rows) or transposed [in, hidden] (GPT-2 Conv1D)
+WRITERS = {r"(mlp\.down_proj|self_attn\.o_proj|mlp\.dense_4h_to_h|attention\.dense|fc2|self_attn\.out_proj|"
+           r"self_attention\.dense|experts\.\d+\.w2|shared_expert\.down_proj|experts\.\d+\.down_proj)\.weight$": "rows",
+           r"\.(mlp|attn)\.c_proj\.weight$": "cols"}
+FAMILIES = [n for n in SPECS if n not in ("smollm3", "gemma2", "gemma3_text", "mixtral-fused", "qwen3_moe")]
+
+
+def reference(path, dirs, lam):
+    """Every residual writer of layer l edited in torch: W - lam * U (U^T W), or W - lam * (W U) U^T."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for name, w in load_file(f).items():
+            kind = next((k for rx, k in WRITERS.items() if re.search(rx, name)), None)
+            m = re.search(r"(?:layers|h)\.(\d+)\.", name)
+            if kind is None or m is None or int(m.group(1)) not in dirs or w.ndim != 2:
+                out[name] = w
+                continue
+            u, wf = torch.from_numpy(dirs[int(m.group(1))]), w.float()
+            out[name] = (wf - lam * (u @ (u.T @ wf)) if kind == "rows" else wf - lam * ((wf @ u) @ u.T)).to(w.dtype)
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rank", [1, 2])
+def test_projection_equals_the_torch_reference(zoo, tmp_path, name, rank):  # noqa: F811
+    base = zoo(name).path
+    hidden = SPECS[name].config.get("hidden_size") or SPECS[name].config["n_embd"]
+    rng = np.random.default_rng(rank)
+    dirs = {l: np.linalg.qr(rng.standard_normal((hidden, rank)))[0].astype(np.float32) for l in (0, 1)}
+    p = projection_patch(base, lam=0.75, rank=rank, directions=dirs)
+    assert p.edits and all(e.encoding == "lowrank" and e.rank == rank for e in p.edits.values())
+    assert p.provenance["method"] == "projection" and p.provenance["params"]["rank"] == rank
+    path = p.save(tmp_path / "proj.safetensors")
+    ops.apply(str(path), base, tmp_path / "out")
+    got = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(load_file(f))
+    want = reference(base, dirs, 0.75)
+    assert sorted(got) == sorted(want)
+    changed = [k for k in want if k in p.edits]
+    assert len(changed) >= 4  # both kinds in both layers
+    for k in want:
+        assert got[k].view(torch.uint8).equal(want[k].contiguous().view(torch.uint8)), k
+
+
+def test_modules_and_layers_select(zoo):  # noqa: F811
+    base = zoo("llama").path
+    dirs = {1: np.eye(32, 1, dtype=np.float32)}
+    p = projection_patch(base, layers=[1], modules=["mlp"], directions=dirs)
+    assert sorted(p.edits) == ["model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(PatchkitError, match="layer 5"):
+        projection_patch(base, layers=[5], directions=dirs)
+
+
+def test_directions_from_a_stub_labelled_set():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 30)
+    signal = np.zeros(16)
+    signal[3] = 1.0
+    feats = {l: rng.standard_normal((60, 16)) * 0.1 + labels[:, None] * signal * (l + 1) for l in range(3)}
+    dirs, quality = directions_from_features(feats, labels, [0, 2], rank=2)
+    assert dirs[0].shape == (16, 2) and np.allclose(dirs[0].T @ dirs[0], np.eye(2), atol=1e-6)
+    assert abs(dirs[2][3, 0]) > 0.95 and dirs[2][3, 0] > 0 and quality[2] == 1.0
+
+
+def test_end_to_end_with_features_from_the_model(zoo, tmp_path):  # noqa: F811
+    base = zoo("llama").path
+    data = LabelledData(tuple(TEXTS) * 2, tuple(LABELS) * 2, ("good", "bad"), "0" * 64, "stub")
+    p = projection_patch(base, data=data, layers=[0, 1], lam=1.0)
+    prov = p.provenance
+    assert prov["data"] == {"source": "stub", "sha256": "0" * 64, "examples": 24}
+    assert set(prov["directions"]) == {"0", "1"} and all(0 <= d["held_out_accuracy"] <= 1 for d in prov["directions"].values())
+    q = Patch.load(p.save(tmp_path / "p.safetensors"))
+    assert q.id == p.id and len(q.edits) == 4
+
+
+def test_cli_compute_method_projection(zoo, tmp_path, cli_runner):  # noqa: F811
+    import json
+
+    base = zoo("llama").path
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS * 2, LABELS * 2)))
+    out = tmp_path / "p.safetensors"
+    r = cli_runner("compute", base, "--method", "projection", "--data", data, "--lam", "0.5", "--layers", "1",
+                   "--rank", "1", "--modules", "attn", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(next(line[line.index("{"):] for line in r.output.splitlines() if '"params"' in line))
+    assert obj["params"] == {"lam": 0.5, "layers": [1], "rank": 1, "modules": ["attn"]}
+    p = Patch.load(out)
+    assert sorted(p.edits) == ["model.layers.1.self_attn.o_proj.weight"] and p.provenance["data"]["examples"] == 24
+    human = cli_runner("inspect", out)
+    assert "lowrank r1" in human.output
+    r = cli_runner("compute", base, "--method", "projection", "-o", tmp_path / "q.safetensors")
+    assert r.exit_code == 2 and "needs --data" in r.output
+    r = cli_runner("compute", base, "-o", tmp_path / "q.safetensors")
+    assert r.exit_code == 2 and "needs --probe" in r.output
+
+
+# ---- damping (AurA), patchkit/damping.py: scale edits ------------------------------------------------------
+def test_auroc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, size=(30, 5)).astype(np.float32)  # many ties
+    y = rng.integers(0, 2, 30)
+    y[:2] = [0, 1]
+    want = [np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1, m] for b in s[y == 0, m]]) for m in range(5)]
+    assert np.allclose(auroc(s, y), want, atol=1e-12)
+    g = aura_gamma(np.array([0.2, 0.5, 0.75, 1.0]))
+    assert g.tolist() == [1.0, 1.0, 0.5, 0.0]
+    assert aura_gamma(np.array([0.6, 0.9, 0.8]), fraction=0.34).tolist() == [1.0, np.float32(1 - 0.8), 1.0]
+
+
+def test_damping_patch_equals_the_torch_reference(zoo, tmp_path):  # noqa: F811
+    from patchkit.method import load_model
+
+    base = zoo("llama").path
+    model, tok = load_model(base)
+    acts = neuron_activations(model, tok, TEXTS)
+    assert sorted(acts) == [0, 1] and acts[0].shape == (len(TEXTS), 48)
+    data = LabelledData(tuple(TEXTS), tuple(LABELS), ("good", "bad"), "0" * 64, "stub")
+    p = damping_patch(base, data=data, fraction=0.25, model=model, tokenizer=tok)
+    assert {e.encoding for e in p.edits.values()} == {"scale"} and p.provenance["method"] == "damping"
+    assert sum(e.n_rows for e in p.edits.values()) <= round(0.25 * 96)
+    path = p.save(tmp_path / "damp.safetensors")
+    ops.apply(str(path), base, tmp_path / "out")
+    got, ref = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    for name, w in ref.items():
+        want = w.clone()
+        if name in p.edits:
+            e = p.edits[name]
+            rows = torch.from_numpy(e.rows.copy())
+            want[rows] = (w[rows].float() * torch.from_numpy(e.gamma.copy())[:, None]).to(w.dtype)
+        assert got[name].view(torch.uint8).equal(want.view(torch.uint8)), name
+    assert Patch.load(path).id == p.id
+    ops.revert(str(path), tmp_path / "out", tmp_path / "back")
+    assert all(load_file(tmp_path / "back" / "model.safetensors")[k].view(torch.uint8).equal(v.view(torch.uint8)) for k, v in ref.items())
