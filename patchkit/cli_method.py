@@ -16,27 +16,31 @@ from .cli import CommandFailed, _emit, _fmt_bytes, _short, cli, json_option
 @cli.command("eval")
 @click.argument("model")
 @click.option("--patch", "patches", multiple=True, type=click.Path(), help="A patch to evaluate (repeat for several).")
-@click.option("--prompts", default="builtin:toxic-prompts", show_default=True, help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME.")
+@click.option("--prompts", default="builtin:toxicity-eval", show_default=True,
+              help="Prompts to continue: FILE (.jsonl/.txt) or builtin:NAME (toxicity-eval: 300 RealToxicityPrompts + held-out ToxiGen).")
 @click.option("--benign", default="builtin:benign-requests", show_default=True, help="Text for perplexity and KL: FILE or builtin:NAME.")
 @click.option("--judge", "judges", multiple=True, help="lexical, refusal, jigsaw, probe:PATH or classifier:PATH_OR_HUB_ID (repeat; default lexical).")
 @click.option("--judge-label", help="The classifier label that counts (name or index).")
-@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split) to measure the judges' accuracy.")
+@click.option("--judge-check", help="Labelled FILE or builtin:NAME (its held-out split and all of it) to measure the judges' quality.")
 @click.option("--force-judge", is_flag=True, help="Allow a probe judge that is the probe the patch was made with.")
-@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--greedy/--no-greedy", default=True, show_default=True, help="Also one greedy continuation per prompt.")
+@click.option("--samples", type=click.IntRange(0), default=4, show_default=True, help="Sampled continuations per prompt (0: greedy only).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.9, show_default=True, help="Of the samples; 0: greedy only.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Use N prompts, evenly spread over the set.")
 @click.option("--benign-limit", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--controls", is_flag=True, help="Also run random-rows and random-direction controls of each patch.")
+@click.option("--control-seeds", type=click.IntRange(1), default=3, show_default=True, help="Seeds of each control kind.")
+@click.option("--control-samples", is_flag=True, help="Sample the controls too (default: their greedy continuations only).")
 @click.option("--qa", type=click.Path(exists=True, dir_okay=False), help="JSONL of question/answer pairs: exact-match accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write an HTML report (and result.json) here.")
 @click.option("--attach", is_flag=True, help="Write PATCH.eval.safetensors beside each patch, with the numbers stored in it.")
 @click.option("--overwrite", is_flag=True, help="With --attach: replace an existing PATCH.eval.safetensors.")
 @json_option
-def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, force_judge, samples, temperature, max_new_tokens,
-          batch_size, limit, benign_limit, controls, qa, seed, report_dir, attach, overwrite, as_json):
+def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, force_judge, greedy, samples, temperature,
+          max_new_tokens, batch_size, limit, benign_limit, controls, control_seeds, control_samples, qa, seed, report_dir, attach, overwrite, as_json):
     """Measure what PATCHes do to MODEL: judged continuations of prompts, perplexity and KL on benign text.
 
     The base is loaded once; each patch is applied in memory and reverted (checked bit for bit).
@@ -57,7 +61,8 @@ def eval_(model, patches, prompts, benign, judges, judge_label, judge_check, for
             raise OutputExistsError(f"output {o} already exists (use --overwrite to replace it)")
     r = evaluate(model, paths, prompts=prompts, benign=benign, judges=list(judges) or ["lexical"], samples=samples,
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, controls=controls, qa=qa,
-                 seed=seed, limit=limit, benign_limit=benign_limit, judge_label=judge_label, judge_check=judge_check,
+                 seed=seed, greedy=greedy, control_seeds=control_seeds, control_samples=control_samples, limit=limit, benign_limit=benign_limit,
+                 judge_label=judge_label, judge_check=judge_check,
                  force_judge=force_judge, log=None if as_json else (lambda m: click.echo(m, err=True)))
     out = r.to_dict()
     if report_dir:
@@ -148,7 +153,8 @@ def tune(model, probe_path, output, prompts, benign, max_ppl_increase, max_kl, t
 # ---- probe / compute ----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("model")
-@click.option("--data", required=True, help="Labelled JSONL/CSV/TSV file, or builtin:toxicity / builtin:harmful.")
+@click.option("--data", required=True, help="Labelled JSONL/CSV/TSV file, or builtin:toxicity / builtin:harmful / "
+              "builtin:toxicity-self (the embedded model's own continuations, jigsaw-labelled; generated once, cached).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the probe (.safetensors).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)
@@ -196,7 +202,7 @@ def probe(model, data, output, text_field, label_field, behavior, layer, pool, l
 
 @cli.command()
 @click.argument("model")
-@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("--probe", "probe_path", type=click.Path(), help="A probe made by `patchkit probe` (required by --method probe).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the patch.")
 @click.option("--top-k", type=click.IntRange(1), help="Rows to edit across all layers.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Or: fraction of all target rows (default: the paper's 16384/352256).")
@@ -208,8 +214,18 @@ def probe(model, data, output, text_field, label_field, behavior, layer, pool, l
 @click.option("--any-probe", is_flag=True, help="Use a probe trained on another model of the same size.")
 @click.option("--description", help="A line of text stored in the patch.")
 @click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
+@click.option("--method", "edit_method", type=click.Choice(["probe", "projection"]), default="probe", show_default=True,
+              help="probe: the paper's gate-neuron edit; projection: remove class-mean directions from what the layers write "
+                   "to the residual stream (W <- W - lam U U^T W, a lowrank patch, format v1.1).")
+@click.option("--data", help="With --method projection: labelled texts (a file, or builtin:toxicity and the like).")
+@click.option("--lam", type=float, default=1.0, show_default=True, help="With --method projection: strength (1 removes the directions).")
+@click.option("--layers", help="With --method projection: decoder layers to edit, comma-separated (default: all).")
+@click.option("--rank", type=click.IntRange(1, 64), default=1, show_default=True, help="With --method projection: directions per layer.")
+@click.option("--modules", type=click.Choice(["both", "mlp", "attn"]), default="both", show_default=True,
+              help="With --method projection: which residual writers to edit (down_proj, o_proj and their equivalents).")
 @json_option
-def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, target, axis, any_probe, description, overwrite, as_json):
+def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, target, axis, any_probe, description, overwrite,
+            edit_method, data, lam, layers, rank, modules, as_json):
     """Select the MLP gate neurons most anti-aligned with a probe and write the edit as a patch.
 
     Reads only the target tensors (gate_proj and its equivalents, see docs/architectures.md).
@@ -224,6 +240,10 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
         raise CommandFailed("give --top-k or --fraction, not both", 2)
     if Path(output).exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    if edit_method == "projection":
+        return _compute_projection(model, output, data, lam, layers, rank, modules, description, as_json)
+    if probe_path is None:
+        raise CommandFailed("--method probe needs --probe PATH (a probe made by `patchkit probe`)", 2)
     ck, model_id, revision = checkpoint_for_compute(model, target)
     patch = compute_patch(ck, probe_path, top_k=top_k, fraction=fraction, alpha=alpha, strategy=strategy, seed=seed,
                           target=target, axis=axis, check_model=not any_probe, model_id=model_id, revision=revision)
@@ -235,6 +255,38 @@ def compute(model, probe_path, output, top_k, fraction, alpha, strategy, seed, t
     _emit(as_json, r, lambda r: click.echo(
         f"wrote {output}: patch {_short(r['id'])}, {r['rows']} rows in {len(r['tensors'])} tensor(s), {_fmt_bytes(r['bytes'])} "
         f"(alpha {r['params']['alpha']}, |alpha v| / row norm {r['params']['edit_norm_ratio']:.3f})"))
+
+
+def _compute_projection(model, output, data, lam, layers, rank, modules, description, as_json):
+    """compute --method projection (patchkit.projection)."""
+    from .method import is_hub_id, load_data, resolve_model_arg
+    from .projection import projection_patch
+
+    if not data:
+        raise CommandFailed("--method projection needs --data (labelled texts, e.g. builtin:toxicity)", 2)
+    try:
+        chosen = None if not layers else [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise CommandFailed(f"--layers must be comma-separated layer numbers, not {layers!r}", 2) from None
+    if is_hub_id(model):
+        from .hub import download_model
+
+        path = download_model(model)
+    else:
+        path = resolve_model_arg(model)
+    patch = projection_patch(path, lam=lam, layers=chosen, rank=rank, data=load_data(data),
+                             modules=("mlp", "attn") if modules == "both" else (modules,), progress=not as_json)
+    patch.description = description
+    patch.save(output)
+    s = patch.summary()
+    q = s["provenance"]["directions"]
+    r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"],
+         "params": s["provenance"]["params"], "directions": q}
+    _emit(as_json, r, lambda r: click.echo(
+        f"wrote {output}: patch {_short(r['id'])}, rank-{rank} projection of {len(r['tensors'])} tensor(s), "
+        f"{_fmt_bytes(r['bytes'])} (lam {lam}; held-out accuracy of the directions: "
+        + ", ".join(f"layer {k} {v['held_out_accuracy']:.2f}" if v["held_out_accuracy"] is not None else f"layer {k} n/a"
+                    for k, v in sorted(q.items(), key=lambda kv: int(kv[0]))) + ")"))
 
 
 

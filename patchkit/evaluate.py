@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from . import judges as J
+from .comparisons import _compare, condition_metrics, judge_quality, per_prompt  # noqa: F401
+from .controls import edit_norm, make_controls, rows_intact  # noqa: F401 (re-exported)
 from .errors import DataError, OutputExistsError, ProbeError, UnsupportedError
-from .format import Patch, TensorEdit, rows_hash
+from .format import Patch
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
     kl_sum,
@@ -34,16 +36,7 @@ from .judges import (  # noqa: F401 (re-exported)
     summarize,
     token_nll,
 )
-from .memory import (
-    _TORCH_DTYPE,
-    _raw,
-    _resolve,
-    _row_view,
-    _tensors,
-    apply_in_memory,
-    patched,
-    revert_in_memory,
-)
+from .memory import apply_in_memory, patched, revert_in_memory
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
@@ -96,73 +89,18 @@ def float32_view(model):
         model.to(dtype)
 
 
-# ----------------------------------------------------------------------------------------- controls
-def make_controls(model, patch: Patch, seed: int = 0) -> list[tuple[str, Patch]]:
-    """Two controls of matched edit norm, built from the patch itself (no probe needed):
-    ``random-rows``: per tensor, as many rows drawn uniformly at random, the same deltas;
-    ``random-direction``: the same rows, each direction replaced by a Gaussian one of the same norm
-    (one random direction per distinct patch direction, so a shared direction stays shared)."""
-    tensors = _tensors(model)
-    rng = np.random.default_rng(seed)
-    rr, rd, cache = {}, {}, {}
-    for name in sorted(patch.edits):
-        e = patch.edits[name]
-        if e.encoding == "replace":
-            raise UnsupportedError(f"tensor {name}: controls need delta edits, not replacement values")
-        t = _resolve(tensors, name)
-        view = _row_view(t)
-        n_rows = view.shape[0]
-        rows = np.sort(rng.choice(n_rows, size=e.n_rows, replace=False)).astype(np.int64)
-        for out, r, kw in ((rr, rows, {"direction": e.direction, "scale": e.scale, "delta": e.delta}), (rd, e.rows, None)):
-            if kw is None:
-                if e.encoding == "factored":
-                    key = e.direction.tobytes()
-                    if key not in cache:
-                        g = rng.standard_normal(e.direction.shape)
-                        cache[key] = (g * np.linalg.norm(e.direction.astype(np.float64)) / np.linalg.norm(g)).astype(np.float32)
-                    kw = {"direction": cache[key], "scale": e.scale, "delta": None}
-                else:
-                    g = rng.standard_normal(e.delta.shape)
-                    g *= np.linalg.norm(e.delta.astype(np.float64), axis=1, keepdims=True) / np.linalg.norm(g, axis=1, keepdims=True)
-                    kw = {"direction": None, "scale": None, "delta": g.astype(np.float32)}
-            base_raw = _raw(view[torch.from_numpy(np.array(r))], e.dtype)
-            edit = TensorEdit(name, e.shape, e.dtype, r, e.encoding, rows_hash(base_raw), **kw)
-            edit.validate()
-            edit.result_sha256 = rows_hash(edit.new_rows(base_raw))
-            out[name] = edit
-    made = []
-    for kind, edits in (("random-rows", rr), ("random-direction", rd)):
-        prov = {"method": "control", "control": kind, "of": patch.id, "seed": seed}
-        made.append((kind, Patch(edits=edits, base_model=patch.base_model, base_revision=patch.base_revision, provenance=prov)))
-    return made
-
-
-def edit_norm(patch: Patch) -> float:
-    """sqrt of the sum of squared row deltas: the size of the edit, matched by the controls."""
-    return float(math.sqrt(sum(float((e.deltas().astype(np.float64) ** 2).sum()) for e in patch.edits.values() if e.encoding != "replace")))
-
-
-def rows_intact(model, patch: Patch) -> bool:
-    """The touched rows hold exactly the patch's base bytes (the patch is not applied)."""
-    tensors = _tensors(model)
-    for name, e in patch.edits.items():
-        t = _resolve(tensors, name)
-        if t is None or rows_hash(_raw(_row_view(t)[torch.from_numpy(np.array(e.rows))], _TORCH_DTYPE[t.dtype])) != e.base_sha256:
-            return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------ result
 @dataclass
 class Condition:
-    name: str  # "base", the patch's short id, or "<short id>/random-rows"
+    name: str  # "base", the patch's short id, or "<short id>/random-rows#<seed>"
     kind: str  # base | patch | random-rows | random-direction
     patch_id: str | None = None
     of_patch: str | None = None
     label: str = ""
     rows: int = 0
     edit_norm: float = 0.0
-    continuations: list[list[str]] = field(default_factory=list)
+    seed: int | None = None  # of a control
+    continuations: list[list[str]] = field(default_factory=list)  # [prompt][greedy first (if any), then the samples]
     scores: dict[str, list[list[float]]] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
     capability: dict = field(default_factory=dict)
@@ -182,6 +120,7 @@ class EvalResult:
     comparisons: list[dict]
     reverted_bit_identical: bool
     timing: dict
+    power: dict = field(default_factory=dict)
 
     def condition(self, name: str) -> Condition:
         return next(c for c in self.conditions if c.name == name or c.patch_id == name)
@@ -191,20 +130,26 @@ class EvalResult:
 
 
 # ----------------------------------------------------------------------------------------- evaluate
-def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = "builtin:toxic-prompts",
+def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = "builtin:toxicity-eval",
              benign: str | Sequence[str] | None = "builtin:benign-requests", judges: Sequence = ("lexical",),
-             samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 32, batch_size: int = 16,
-             controls: bool = False, qa=None, seed: int = 0, *, limit: int | None = None, benign_limit: int | None = 32,
-             judge_label: str | None = None, judge_check: str | None = None, force_judge: bool = False,
-             chat: bool | None = None, n_boot: int = 2000, log: Callable[[str], None] | None = None) -> EvalResult:
+             samples: int = 4, temperature: float = 0.9, max_new_tokens: int = 20, batch_size: int = 16,
+             controls: bool = False, qa=None, seed: int = 0, *, greedy: bool = True, control_seeds: int = 1,
+             control_samples: bool = False,
+             limit: int | None = None, benign_limit: int | None = 32, judge_label: str | None = None,
+             judge_check: str | None = None, force_judge: bool = False, chat: bool | None = None, n_boot: int = 4000,
+             alpha: float = 0.05, log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate ``patches`` on the model at ``model_path`` (a folder, Hub id or ``embedded``); see the module doc."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import Checkpoint
-    from .method import load_data, resolve_model_arg
+    from .method import resolve_model_arg
 
     say = log or (lambda _m: None)
     t_start = time.monotonic()
+    if temperature <= 0:  # no sampling at temperature 0: the greedy continuation only
+        samples, greedy = 0, True
+    if not greedy and samples < 1:
+        raise DataError("nothing to generate: ask for greedy continuations or samples")
     path = resolve_model_arg(str(model_path))
     fingerprint = Checkpoint(path).fingerprint()
     loaded = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
@@ -240,62 +185,73 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
     conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
     for p in loaded:
         conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p)), p))
-        if controls:
-            for kind, c in make_controls(model, p, seed):
-                conds.append((Condition(f"{p.id[:12]}/{kind}", kind, c.id, p.id, f"{kind} control", c.rows, edit_norm(c)), c))
-    gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples, "temperature": temperature, "seed": seed, "chat": use_chat}
+        for s in range(seed, seed + control_seeds) if controls else ():
+            for kind, c in make_controls(model, p, s):
+                conds.append((Condition(f"{p.id[:12]}/{kind}#{s}", kind, c.id, p.id, f"{kind} control, seed {s}", c.rows, edit_norm(c), s), c))
+    gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
     for cond, p in conds:
         t0 = time.monotonic()
         with patched(model, *([p] if p is not None else [])):
-            cond.continuations = generate_batched(model, tok, prompt_list, **gen_kw)
+            g = generate_batched(model, tok, prompt_list, **gen_kw) if greedy else [[] for _ in prompt_list]
+            sample_it = samples and (cond.kind in ("base", "patch") or control_samples or not greedy)
+            sm = (generate_batched(model, tok, prompt_list, samples=samples, temperature=temperature, seed=seed, **gen_kw)
+                  if sample_it else [[] for _ in prompt_list])
+            cond.continuations = [a + b for a, b in zip(g, sm)]
             if qa_rows:
                 preds = generate_batched(model, tok, [q for q, _ in qa_rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
                                          chat=bool(getattr(tok, "chat_template", None)))
                 hits = [exact_match(pr[0], a) for pr, (_q, a) in zip(preds, qa_rows)]
                 cond.qa = {"exact_match": float(np.mean(hits)), "n": len(hits), "predictions": [pr[0] for pr in preds]}
         cond.seconds = time.monotonic() - t0
-        say(f"generated {cond.name}: {len(prompt_list)} prompts x {samples} in {cond.seconds:.1f} s")
+        say(f"generated {cond.name}: {len(prompt_list)} prompts x {int(greedy) + samples} in {cond.seconds:.1f} s")
+    benign_conts = []
+    if judge_check and benign_list and any(j.kind != "refusal" for j in judge_objs):
+        chat_ok = bool(getattr(tok, "chat_template", None))
+        benign_conts = [r[0] for r in generate_batched(model, tok, benign_list, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat_ok)]
 
     # judges: every patch is reverted now, so the model is the base
-    judge_info = []
-    check_data = load_data(judge_check, split="heldout") if judge_check else None
     with _judge_view(model, judge_objs):
-        for j in judge_objs:
-            flat = [t for c, _ in conds for row in c.continuations for t in row]
-            scores = iter(j.score(flat, model, tok))
-            for c, _ in conds:
-                c.scores[j.name] = [[next(scores) for _ in row] for row in c.continuations]
-                c.metrics[j.name] = summarize(c.scores[j.name], j.threshold)
-            info = {"name": j.name, "kind": j.kind, "threshold": j.threshold, "info": j.info, "check": None}
-            if check_data is not None and j.kind != "refusal":
-                info["check"] = J.check_judge(j, check_data.texts, check_data.labels, model, tok, source=check_data.source)
-            judge_info.append(info)
-            say(f"judged with {j.name}")
+        judge_info = _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say)
     if benign_list:
         _capability(model, tok, benign_list, conds, batch_size)
         say("capability measured on benign text")
     intact = all(rows_intact(model, p) for _c, p in conds if p is not None)
-
-    comparisons = []
-    for c, _ in conds:
-        if c.kind != "patch":
-            continue
-        for j in judge_objs:
-            per = {cc.name: [float(np.mean(r)) for r in cc.scores[j.name]] for cc, _ in conds}  # mean over samples
-            row = {"patch": c.name, "judge": j.name, "vs_base": paired_bootstrap(per[c.name], per["base"], n_boot, seed)}
-            for cc, _ in conds:
-                if cc.of_patch == c.patch_id:
-                    row[f"vs_{cc.kind}"] = paired_bootstrap(per[c.name], per[cc.name], n_boot, seed)
-            comparisons.append(row)
-    settings = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "controls": controls, "seed": seed, "chat": use_chat, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                "n_boot": n_boot, "judge_check": judge_check, "force_judge": force_judge}
+    comparisons, power = _compare([c for c, _ in conds], judge_objs, greedy, samples, n_boot, seed, alpha)  # noqa: E501
+    settings = {"greedy": greedy, "samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "controls": controls, "control_seeds": control_seeds if controls else 0,
+                "control_samples": bool(controls and (control_samples or not greedy) and samples), "seed": seed,
+                "chat": use_chat, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "n_boot": n_boot,
+                "alpha": alpha, "judge_check": judge_check, "force_judge": force_judge}
     sources = {"prompts": prompt_src, "benign": benign_src, "qa": str(qa) if qa else None}
     gen_s = sum(c.seconds for c, _ in conds)
     timing = {"total_s": time.monotonic() - t_start, "generation_s": gen_s,
               "prompts_per_s": len(prompt_list) * len(conds) / gen_s if gen_s else None}
     return EvalResult(str(path), fingerprint, settings, prompt_list, sources, judge_info, [c for c, _ in conds],
-                      comparisons, intact, timing)
+                      comparisons, intact, timing, power)
+
+
+def _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say) -> list[dict]:
+    """Score every continuation with every judge, and each judge's quality (see :func:`judge_quality`)."""
+    from .method import load_data
+
+    check_held = load_data(judge_check, split="heldout") if judge_check else None
+    check_all = load_data(judge_check, split="all") if judge_check else None
+    info_out = []
+    for j in judge_objs:
+        flat = [t for c, _ in conds for row in c.continuations for t in row]
+        scores = iter(j.score(flat, model, tok))
+        for c, _ in conds:
+            c.scores[j.name] = [[next(scores) for _ in row] for row in c.continuations]
+            c.metrics[j.name] = condition_metrics(c.scores[j.name], j.threshold, greedy)  # controls without samples: greedy only
+        info = {"name": j.name, "kind": j.kind, "threshold": j.threshold, "info": j.info, "check": None, "quality": None}
+        if check_held is not None and j.kind != "refusal":
+            info["check"] = J.check_judge(j, check_held.texts, check_held.labels, model, tok, source=check_held.source)
+            base_scores = [s for row in conds[0][0].scores[j.name] for s in row]
+            info["quality"] = judge_quality(j, check_all, j.score(benign_conts, model, tok) if benign_conts else [], base_scores,
+                                            model, tok, benign_src)
+        info_out.append(info)
+        say(f"judged with {j.name}")
+    return info_out
 
 
 def _config_dtype(path: Path) -> str:

