@@ -6,7 +6,7 @@
 1. Generates (once, cached in the workdir) a bf16 checkpoint with the TinyLlama-1.1B layout and
    random weights, written shard by shard with safetensors (no torch model is built).
 2. Builds a patch: 4.65% of all gate_proj rows (5,761 of 22 x 5,632), one shared direction
-   scaled by alpha = 1.08, with patchkit.format.make_edit / Patch.save.
+   scaled by alpha = 1.08, with patchkit.core.patchfile.make_edit / Patch.save.
 3. Times, each in a fresh subprocess, wall time and peak RSS of
      (a) the naive way: transformers from_pretrained, edit rows in memory, save_pretrained (3 times);
      (b) cp -r of the checkpoint;
@@ -156,8 +156,8 @@ def base_is_cached(path: Path) -> bool:
 
 # ---- the patch ------------------------------------------------------------------------------------
 def build_patch(ckpt: Path, out: Path) -> dict:
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.format import Patch, make_edit
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch, make_edit
 
     ck = Checkpoint(ckpt)
     names = gate_names(CONFIG)
@@ -192,7 +192,7 @@ def build_patch(ckpt: Path, out: Path) -> dict:
 NAIVE = r"""
 import sys, numpy as np, torch
 from transformers import AutoModelForCausalLM
-from patchkit.format import Patch
+from patchkit.core.patchfile import Patch
 src, patch_path, out = sys.argv[1:4]
 patch = Patch.load(patch_path)
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
@@ -302,8 +302,8 @@ def identical(a: Path, b: Path) -> tuple[bool, list[str]]:
 
 def compare_gate_tensors(naive_out: Path, pk_out: Path) -> bool:
     """Do the naive result and patchkit's result hold the same gate_proj bytes? (a sanity check)"""
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.stfile import read_tensor
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.stfile import read_tensor
 
     try:
         a, b = Checkpoint(naive_out), Checkpoint(pk_out)
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
             warm(base, out)
             r = runner.measure([patchkit_bin, "diff", str(base), str(out), "-o", str(diffed)], "(f)")
             results["f"].append(r)
-            from patchkit.format import Patch
+            from patchkit.core.patchfile import Patch
 
             back = Patch.load(diffed)
             encodings = sorted({e.encoding for e in back.edits.values()})

@@ -5,7 +5,7 @@
 
 1. Reuses the cached random bf16 checkpoint with the TinyLlama-1.1B layout that benchmarks/apply.py
    generates (DIR/base; generated here with the same function when missing).
-2. Builds a probe for it: a `patchkit.probe.Probe` with a seeded random float32 weight [2, 2048]
+2. Builds a probe for it: a `patchkit.method.probe.Probe` with a seeded random float32 weight [2, 2048]
    (normal x 0.02, so the direction's norm is close to a base row's), zero bias, and
    model_fingerprint = Checkpoint(base).fingerprint(); written with `save_probe`.
 3. Times, each in a fresh subprocess, wall time and peak RSS of
@@ -71,8 +71,8 @@ FEATURE_REPS = 3
 def build_probe(base: Path, out: Path) -> dict:
     import torch
 
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.probe import Probe, save_probe
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.method.probe import Probe, save_probe
 
     gen = torch.Generator().manual_seed(SEED)
     weight = torch.randn((2, CONFIG["hidden_size"]), generator=gen, dtype=torch.float32) * 0.02
@@ -89,7 +89,7 @@ NAIVE = r"""
 import json, sys, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-from patchkit.probe import load_probe
+from patchkit.method.probe import load_probe
 src, probe_path, out, k, alpha, rows_out = sys.argv[1:7]
 k = int(k)
 direction = load_probe(probe_path).direction.float()
@@ -126,7 +126,7 @@ def folder_bytes(p: Path) -> int:
 
 def same_rows(naive_rows: Path, patch_path: Path) -> dict:
     """Compare the (tensor, row) sets chosen by (a) and written in (b)'s patch."""
-    from patchkit.format import Patch
+    from patchkit.core.patchfile import Patch
 
     a = {(n, int(r)) for n, rows in json.loads(naive_rows.read_text()).items() for r in rows}
     patch = Patch.load(patch_path)
@@ -206,9 +206,9 @@ def _trim(text: str) -> str:
 def feature_speed(log) -> dict:
     import torch
 
-    from patchkit.activations import DEFAULT_MAX_LENGTH, extract_features
-    from patchkit.data import builtin_dataset
-    from patchkit.embedded import load_embedded
+    from patchkit.method.activations import DEFAULT_MAX_LENGTH, extract_features
+    from patchkit.method.data import builtin_dataset
+    from patchkit.method.embedded import load_embedded
 
     try:  # keep transformers' "Loading weights" bar out of the report
         from transformers.utils import logging as hf_logging
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
         log("-" * 110)
         flabels = {
             "plain": "plain: model.model(**tok(batch, padding=True, ...)), given order",
-            "extract": "patchkit.activations.extract_features(...)",
+            "extract": "patchkit.method.activations.extract_features(...)",
             "plain_sorted": "    (info) plain, batches sorted by length as extract_features",
         }
         for k in ("plain", "extract", "plain_sorted"):

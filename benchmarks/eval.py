@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: generation throughput of `patchkit.evaluate` against a plain `generate` loop.
+"""Benchmark: generation throughput of `patchkit.evaluation.evaluate` against a plain `generate` loop.
 
     python benchmarks/eval.py [--prompts 32] [--batch-size 16] [--max-new-tokens 32] [--reps 3] [--json]
 
@@ -8,8 +8,8 @@ N RealToxicityPrompts openings (the built-in `toxic-prompts`, evenly spread), ea
 after one untimed warm-up run, median of --reps:
 
   (a) plain loop: batches in the given order, left padding, `model.generate` (KV cache), decode
-      (what patchkit/demo.py did);
-  (b) patchkit.evaluate.generate_batched at the same batch size (batches of similar length,
+      (what patchkit/evaluation/demo.py did);
+  (b) patchkit.evaluation.evaluate.generate_batched at the same batch size (batches of similar length,
       left padding, KV cache);
   (c) for scale: one prompt at a time (`--skip-single` to leave it out).
 
@@ -73,8 +73,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from patchkit.embedded import embedded_model_path
-    from patchkit.evaluate import generate_batched, load_prompts
+    from patchkit.evaluation.evaluate import generate_batched, load_prompts
+    from patchkit.method.embedded import embedded_model_path
 
     hf_logging.set_verbosity_error()
     path = embedded_model_path()
@@ -105,8 +105,8 @@ def main() -> int:
     report = None
     if not args.skip_report:
         # The same evaluation `patchkit eval embedded --patch ... --controls --report DIR` runs.
-        from patchkit.evaluate import evaluate
-        from patchkit.report import write_report
+        from patchkit.evaluation.evaluate import evaluate
+        from patchkit.evaluation.report import write_report
 
         patch = Path(__file__).resolve().parent.parent / "patches" / "smollm2-135m-instruct-detox.safetensors"
         result = evaluate(path, [patch], prompts="builtin:toxic-prompts", judges=["lexical"], controls=True,

@@ -29,9 +29,9 @@ SMOLLM2_DETOX = {
 def build_smollm2_detox():
     import torch
 
-    from patchkit.compute import compute_patch
-    from patchkit.embedded import embedded_model_path
-    from patchkit.method import train_probe_for
+    from patchkit.method.compute import compute_patch
+    from patchkit.method.embedded import embedded_model_path
+    from patchkit.method.pipeline import train_probe_for
 
     torch.set_num_threads(1)
     spec = SMOLLM2_DETOX

@@ -6,20 +6,20 @@ The top-level names load lazily, so that `import patchkit` (and `patchkit inspec
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Patch": ("patchkit.format", "Patch"),
-    "TensorEdit": ("patchkit.format", "TensorEdit"),
-    "Checkpoint": ("patchkit.checkpoint", "Checkpoint"),
-    "apply": ("patchkit.ops", "apply"),
-    "revert": ("patchkit.ops", "revert"),
-    "plan_apply": ("patchkit.ops", "plan_apply"),
-    "status": ("patchkit.ops", "status"),
-    "diff": ("patchkit.diffing", "diff"),
-    "compute_patch": ("patchkit.compute", "compute_patch"),
-    "merge_patches": ("patchkit.merge", "merge_patches"),
-    "evaluate": ("patchkit.evaluate", "evaluate"),
-    "apply_in_memory": ("patchkit.memory", "apply_in_memory"),
-    "revert_in_memory": ("patchkit.memory", "revert_in_memory"),
-    "patched": ("patchkit.memory", "patched"),
+    "Patch": ("patchkit.core.patchfile", "Patch"),
+    "TensorEdit": ("patchkit.core.patchfile", "TensorEdit"),
+    "Checkpoint": ("patchkit.core.checkpoint", "Checkpoint"),
+    "apply": ("patchkit.core.ops", "apply"),
+    "revert": ("patchkit.core.ops", "revert"),
+    "plan_apply": ("patchkit.core.ops", "plan_apply"),
+    "status": ("patchkit.core.ops", "status"),
+    "diff": ("patchkit.core.diff", "diff"),
+    "compute_patch": ("patchkit.method.compute", "compute_patch"),
+    "merge_patches": ("patchkit.core.merge", "merge_patches"),
+    "evaluate": ("patchkit.evaluation.evaluate", "evaluate"),
+    "apply_in_memory": ("patchkit.evaluation.inmemory", "apply_in_memory"),
+    "revert_in_memory": ("patchkit.evaluation.inmemory", "revert_in_memory"),
+    "patched": ("patchkit.evaluation.inmemory", "patched"),
 }
 
 

@@ -1,5 +1,5 @@
 """Write tests/data/jigsaw_reference.json: the six outputs of toxic-comment-classifier 0.3.0, computed by
-the package itself with TensorFlow, for the texts that pin patchkit's torch reimplementation (patchkit.jigsaw).
+the package itself with TensorFlow, for the texts that pin patchkit's torch reimplementation (patchkit.evaluation.jigsaw).
 
 This script is the one place in the repository that unpickles: it runs the package's own
 ``ToxicCommentClassifier`` (which loads its Tokenizer with ``pickle.load`` and builds its network in

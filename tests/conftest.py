@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import helpers
-from patchkit.checkpoint import Checkpoint
-from patchkit.format import Patch, make_edit
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.patchfile import Patch, make_edit
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ST_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -85,7 +85,7 @@ def build_patch(ckpt: Path, seed: int = 0, tensors=EDIT_TENSORS, scale: float = 
             s = rng.choice(np.array([-2, -1, -0.5, 0.5, 1, 2], dtype=np.float32), size=n)  # exact multiples
             edits[name] = make_edit(name, info.shape, info.dtype, rows, base_raw, delta=s[:, None] * v[None, :])
         else:  # replace
-            from patchkit.dtypes import STORAGE
+            from patchkit.core.dtypes import STORAGE
 
             # the base rows with the lowest mantissa bit of every element flipped: finite, not the base
             u = base_raw.copy()

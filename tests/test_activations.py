@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import llama_config, make_model, make_tokenizer
-from patchkit.activations import (
+from patchkit.errors import DataError, UnsupportedError
+from patchkit.method.activations import (
     FeatureCache,
     FeatureKey,
     decoder_parts,
@@ -14,7 +15,6 @@ from patchkit.activations import (
     extract_gate_inputs,
     hooked,
 )
-from patchkit.errors import DataError, UnsupportedError
 
 TEXTS = [
     "the good dog is kind",

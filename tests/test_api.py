@@ -11,8 +11,8 @@ from conftest import build_patch
 from helpers import snapshot
 
 import patchkit
-from patchkit.checkpoint import Checkpoint
-from patchkit.probe import Probe
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.method.probe import Probe
 
 
 def test_readme_api_round_trip(copy_ckpt, tmp_path):

@@ -14,11 +14,11 @@ import torch
 
 from conftest import assert_tensors_bitequal, build_patch, load_tensors, reference_apply
 from helpers import snapshot
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
-from patchkit.dtypes import to_float, ulp
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.dtypes import to_float, ulp
+from patchkit.core.patchfile import Patch
 from patchkit.errors import PatchkitError, StateError
-from patchkit.format import Patch
 
 
 def do_apply(via, cli_runner, patches, ckpt, out=None, **kw):
@@ -281,7 +281,7 @@ def test_revert_without_undo_record(variant, ckpts, tmp_path, exact_case, cli_ru
     base = ckpts[variant]
     ck = Checkpoint(base)
     names = ("model.layers.0.mlp.gate_proj.weight", "lm_head.weight")
-    from patchkit.format import make_edit
+    from patchkit.core.patchfile import make_edit
 
     edits = {}
     rng = np.random.default_rng(7)
@@ -418,8 +418,8 @@ def test_status_checks_rows_against_what_the_patch_declares(copy_ckpt, tmp_path)
 def test_applying_to_a_checkpoint_that_already_holds_the_patch_says_so(ckpts, make_patch, tmp_path, cli_runner):
     """A checkpoint patched elsewhere (or uploaded without .patchkit/) is not 'another base'; one that
     holds the patch's result in some tensors only is, and the first such tensor is named."""
-    from patchkit import state as st
-    from patchkit.stfile import write_rows
+    from patchkit.core import state as st
+    from patchkit.core.stfile import write_rows
 
     base = ckpts[("bf16", False)]
     path = make_patch(base)

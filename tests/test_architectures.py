@@ -3,7 +3,7 @@ configs (nothing downloaded): probe on the model's own features -> compute -> ap
 checkpoint, loaded with transformers, equals the reference edit done in memory on the loaded model,
 bit for bit (weights and logits) -> revert gives back the original files.
 
-The reference is written from the transformers modelling code, not from `patchkit.targets`: it
+The reference is written from the transformers modelling code, not from `patchkit.method.targets`: it
 finds each model's gate weights by their in-memory parameter names (after transformers' own
 conversion of MoE experts to fused [E, 2I, H] tensors), scores the gate neurons by minus their
 cosine with the probe direction, and adds alpha * v to the top K in float32, rounded once.
@@ -23,18 +23,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchkit import ops
-from patchkit.activations import (
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.errors import UnsupportedError
+from patchkit.method.activations import (
     decoder_parts,
     extract_features,
     extract_gate_inputs,
     hooked,
 )
-from patchkit.checkpoint import Checkpoint
-from patchkit.compute import compute_patch
-from patchkit.errors import UnsupportedError
-from patchkit.probe import Probe, train_probe
-from patchkit.targets import family_for, resolve_targets
+from patchkit.method.compute import compute_patch
+from patchkit.method.probe import Probe, train_probe
+from patchkit.method.targets import family_for, resolve_targets
 
 TOP_K, ALPHA = 7, 1.08
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -322,7 +322,7 @@ def test_column_edit_keeps_negative_zeros_outside_the_chosen_columns(zoo, tmp_pa
 @pytest.mark.parametrize("name", ["gpt2", "mixtral-fused", "opt"])
 def test_layer_matched_probes_read_the_gate_inputs(zoo, tok, tmp_path, name):
     """layer-matched: each layer's gate neurons scored against the probe of what that layer's gate reads."""
-    from patchkit.probe import train_layer_probes
+    from patchkit.method.probe import train_layer_probes
 
     built, spec = zoo(name), SPECS[name]
     ck = Checkpoint(built.path)

@@ -10,13 +10,13 @@ import torch
 
 from conftest import load_tensors
 from helpers import snapshot
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
-from patchkit.compute import compute_patch
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.merge import MergeError, merge_patches
+from patchkit.core.patchfile import Patch
 from patchkit.errors import BaseMismatchError, StateError
-from patchkit.format import Patch
-from patchkit.merge import MergeError, merge_patches
-from patchkit.probe import Probe
+from patchkit.method.compute import compute_patch
+from patchkit.method.probe import Probe
 
 
 def make_probe(ck: Checkpoint, seed: int) -> Probe:

@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from conftest import build_patch, run_cli_subprocess
-from patchkit import ops
-from patchkit.format import Patch
-from patchkit.stfile import serialize
+from patchkit.core import ops
+from patchkit.core.patchfile import Patch
+from patchkit.core.stfile import serialize
 
 
 def one_json_object(r) -> dict:
@@ -142,7 +142,7 @@ def test_status_does_not_import_torch(ckpts, make_patch, tmp_path):
 
 
 def test_import_patchkit_does_not_import_torch():
-    code = "import sys, patchkit, patchkit.format, patchkit.ops, patchkit.diffing; assert 'torch' not in sys.modules"
+    code = "import sys, patchkit, patchkit.core.patchfile, patchkit.core.ops, patchkit.core.diff; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
 from patchkit.cli import cli
-from patchkit.compute import compute_patch
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
 from patchkit.errors import ProbeError, UnsupportedError
-from patchkit.probe import Probe, save_probe
-from patchkit.select import paper_k
-from patchkit.targets import resolve_targets
+from patchkit.method.compute import compute_patch
+from patchkit.method.probe import Probe, save_probe
+from patchkit.method.select import paper_k
+from patchkit.method.targets import resolve_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 

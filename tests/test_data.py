@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from patchkit.data import BUILTIN_DATASETS, BUILTIN_PROMPTS, HELDOUT_GROUPS, SOURCES, builtin_dataset, builtin_prompts, load_labelled
 from patchkit.errors import DataError
+from patchkit.method.data import BUILTIN_DATASETS, BUILTIN_PROMPTS, HELDOUT_GROUPS, SOURCES, builtin_dataset, builtin_prompts, load_labelled
 
 
 def write(path, text: str):

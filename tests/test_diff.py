@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 import helpers
 from conftest import assert_tensors_bitequal, load_tensors
 from helpers import snapshot
-from patchkit import ops
-from patchkit.diffing import TooDenseError, diff
+from patchkit.core import ops
+from patchkit.core.diff import TooDenseError, diff
+from patchkit.core.patchfile import Patch
 from patchkit.errors import BaseMismatchError, PatchkitError
-from patchkit.format import Patch
 
 
 def edited_copy(base: Path, dst: Path, edit_fn) -> Path:
@@ -196,9 +196,9 @@ def test_diff_output_exists(ckpts, tmp_path, cli_runner):
 def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype, block, monkeypatch):
     """The paper's edit, made the naive way (float32 add, rounded once), on many rows and with weights
     of every magnitude: the diff is a small factored patch, and applying it gives the edited bytes."""
-    import patchkit.diffing
+    import patchkit.core.diff
 
-    monkeypatch.setattr(patchkit.diffing, "BOUNDS_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(patchkit.core.diff, "BOUNDS_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(512, 96, generator=gen) * torch.logspace(-6, 0, 96)  # columns from 1e-6 to 1
     w = w.to(dtype)
@@ -221,9 +221,9 @@ def test_diff_recovers_a_shared_delta_through_rounding(tmp_path, dtype, block, m
 @pytest.mark.parametrize("block", [3 * 32, 1 << 16], ids=["blocks-of-3-rows", "one-block"])
 def test_diff_of_rows_with_different_deltas_stays_exact(tmp_path, block, monkeypatch):
     """Rows that got different vectors have no shared delta: the diff falls back and is still exact."""
-    import patchkit.diffing
+    import patchkit.core.diff
 
-    monkeypatch.setattr(patchkit.diffing, "BOUNDS_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(patchkit.core.diff, "BOUNDS_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(6)
     w = (torch.randn(64, 32, generator=gen) * 0.02).to(torch.bfloat16)
     edited = w.clone()

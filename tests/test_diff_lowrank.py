@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from patchkit import ops
-from patchkit.diffing import diff
-from patchkit.format import Patch
+from patchkit.core import ops
+from patchkit.core.diff import diff
+from patchkit.core.patchfile import Patch
 
 RATIOS = {}
 
@@ -58,7 +58,7 @@ def test_diff_recovers_a_rank_r_projection(wide_base, tmp_path, rank):
     print(f"rank {rank}: lowrank patch {(tmp_path / 'low.safetensors').stat().st_size} bytes, dense "
           f"{(tmp_path / 'dense.safetensors').stat().st_size} bytes, ratio {ratio:.4f}")
     # Measured: 1.78% (rank 1) and 2.78% (rank 2). The exceptions set the size: elements whose edited value is
-    # near zero round on a scale finer than bf16 rounding leaves the recovered factors (see patchkit/lowrank.py);
+    # near zero round on a scale finer than bf16 rounding leaves the recovered factors (see patchkit/core/lowrank.py);
     # the refinement converges slowly (REFINE_BUDGET 2**31: 1.53% and 2.36%, at 7 times the time).
     assert ratio <= {1: 0.02, 2: 0.032}[rank]
     ops.apply(str(tmp_path / "low.safetensors"), wide_base, tmp_path / "out")

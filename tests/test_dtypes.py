@@ -1,4 +1,4 @@
-"""numpy rounding in patchkit.dtypes against torch, bit for bit."""
+"""numpy rounding in patchkit.core.dtypes against torch, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from patchkit.dtypes import add_delta, from_float, sub_delta, to_float, ulp
+from patchkit.core.dtypes import add_delta, from_float, sub_delta, to_float, ulp
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 INT_VIEW = {"BF16": (torch.int16, np.uint16), "F16": (torch.int16, np.uint16), "F32": (torch.int32, np.uint32),
@@ -141,7 +141,7 @@ def test_ulp():
 
 # ---- the blocked kernel against the whole-array reference --------------------------------------------
 def reference_add(raw: np.ndarray, delta: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
-    from patchkit.dtypes import is_finite
+    from patchkit.core.dtypes import is_finite
 
     with np.errstate(all="ignore"):
         base = to_float(raw, dtype)
@@ -160,7 +160,7 @@ def random_bits(rng, dtype: str, n: int) -> np.ndarray:
 @pytest.mark.parametrize("encoding", ["dense", "per-row", "single"])
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 16])
 def test_add_to_rows_equals_reference(monkeypatch, dtype, encoding, block):
-    from patchkit import dtypes
+    from patchkit.core import dtypes
 
     monkeypatch.setattr(dtypes, "BLOCK_ELEMENTS", block)
     rng = np.random.default_rng(block + len(encoding))
@@ -194,7 +194,7 @@ def test_add_to_rows_equals_reference(monkeypatch, dtype, encoding, block):
 )
 def test_add_to_rows_property(dtype, rows, cols, block, seed, magnitude, nan_delta):
     """Any bits in the base, any block size, even NaN or inf deltas: the same bytes as the reference."""
-    from patchkit import dtypes
+    from patchkit.core import dtypes
 
     old = dtypes.BLOCK_ELEMENTS
     dtypes.BLOCK_ELEMENTS = block
@@ -216,7 +216,7 @@ def test_add_to_rows_property(dtype, rows, cols, block, seed, magnitude, nan_del
 @pytest.mark.parametrize("block", [5, 1 << 16])
 def test_add_to_rows_rounds_exact_ties_to_even(monkeypatch, block):
     """Sums that fall exactly halfway between two bf16 values (and one float32 ulp either side)."""
-    from patchkit import dtypes
+    from patchkit.core import dtypes
 
     monkeypatch.setattr(dtypes, "BLOCK_ELEMENTS", block)
     rng = np.random.default_rng(11)

@@ -1,4 +1,4 @@
-"""patchkit.evaluate: metrics against hand-computed values, patches reverted bit for bit, judges,
+"""patchkit.evaluation.evaluate: metrics against hand-computed values, patches reverted bit for bit, judges,
 controls, the report and the evaluation stored in a patch. Tiny random models; the embedded model
 only in the few tests marked slow."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import assert_tensors_bitequal
 
-from patchkit import judges as J
-from patchkit.checkpoint import Checkpoint
-from patchkit.compute import compute_patch
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.patchfile import Patch
 from patchkit.errors import DataError, OutputExistsError, ProbeError
-from patchkit.evaluate import (
+from patchkit.evaluation import judges as J
+from patchkit.evaluation.evaluate import (
     attach_evaluation,
     edit_norm,
     evaluate,
@@ -30,9 +30,9 @@ from patchkit.evaluate import (
     summarize,
     token_nll,
 )
-from patchkit.format import Patch
-from patchkit.probe import save_probe, train_probe
-from patchkit.report import render_table, write_report
+from patchkit.evaluation.report import render_table, write_report
+from patchkit.method.compute import compute_patch
+from patchkit.method.probe import save_probe, train_probe
 
 WORDS = helpers.WORDS
 PROMPTS = ["the people", "a cruel group of", "good friend and", "the city at night", "hate is", "the dog and the cat",
@@ -144,7 +144,7 @@ def tiny(tmp_path_factory):
     ck = helpers.tiny_llama(root / "model", torch.bfloat16, seed=3)
     model = helpers.make_model(helpers.llama_config(), seed=3, dtype=torch.float32)
     tok = helpers.make_tokenizer()
-    from patchkit.activations import extract_features
+    from patchkit.method.activations import extract_features
 
     texts = [f"{a} {b} {c}" for a in ("hate", "cruel", "awful", "hurt") for b in ("people", "the group", "dog") for c in ("now", "a")]
     texts += [f"{a} {b} {c}" for a in ("love", "kind", "nice", "help") for b in ("people", "the group", "dog") for c in ("now", "a")]

@@ -10,10 +10,10 @@ import torch
 from safetensors.numpy import load_file as load_np
 
 from conftest import build_patch, load_tensors
-from patchkit import ops
+from patchkit.core import ops
+from patchkit.core.patchfile import TensorEdit
 from patchkit.errors import MergeError, OutputExistsError, UnsupportedError
-from patchkit.export import export_peft, lora_factors
-from patchkit.format import TensorEdit
+from patchkit.share.export import export_peft, lora_factors
 
 LINEAR = ("model.layers.0.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight", "lm_head.weight",
           "model.layers.1.self_attn.q_proj.weight")
@@ -121,8 +121,8 @@ def test_cli_merge_and_export(ckpts, tmp_path, cli_runner):
 
 
 def test_conv1d_weights_are_named_not_exported(tmp_path):
-    from patchkit.export import unsupported_reason
-    from patchkit.format import make_edit
+    from patchkit.core.patchfile import make_edit
+    from patchkit.share.export import unsupported_reason
 
     raw = np.zeros((3, 16 * 4), dtype=np.uint8)  # three F32 rows of 16 elements
     delta = np.ones((3, 16), np.float32)
@@ -139,10 +139,10 @@ def test_a_column_edit_exports_and_merges_to_the_patched_weights(ckpts, tmp_path
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.compute import target_edit
-    from patchkit.format import Patch
-    from patchkit.targets import Layout
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch
+    from patchkit.method.compute import target_edit
+    from patchkit.method.targets import Layout
 
     base = ckpts[("bf16", False)]
     name = "model.layers.1.mlp.down_proj.weight"
@@ -169,8 +169,8 @@ def test_lowrank_exports_as_its_rank_and_peft_merges_to_the_applied_weights(ckpt
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.format import Patch, make_edit
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch, make_edit
 
     base = ckpts[("bf16", False)]
     ck = Checkpoint(base)
@@ -204,8 +204,8 @@ def test_lowrank_exports_as_its_rank_and_peft_merges_to_the_applied_weights(ckpt
 
 
 def test_scale_edits_are_refused_by_name_and_exceptions_mark_a_module_inexact(ckpts, tmp_path):
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.format import Patch, make_edit
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch, make_edit
 
     ck = Checkpoint(ckpts[("bf16", False)])
     name = LINEAR[0]

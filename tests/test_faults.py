@@ -35,7 +35,7 @@ import pytest
 
 from conftest import build_patch, run_cli_subprocess
 from helpers import snapshot, weight_files
-from patchkit import fsutil, ops
+from patchkit.core import fsutil, ops
 
 MAX_POINTS = 12 # kill points per (case, syscall); more are sampled evenly from 1..count
 WORKERS = 2

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from patchkit.dtypes import STORAGE
+from patchkit.core.dtypes import STORAGE
+from patchkit.core.patchfile import Patch, TensorEdit, factorize, make_edit
+from patchkit.core.stfile import serialize
 from patchkit.errors import PatchFormatError
-from patchkit.format import Patch, TensorEdit, factorize, make_edit
-from patchkit.stfile import serialize
 
 
 # ---- a tiny hand-built patch -------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def test_factorize_is_bit_exact_with_signed_zeros():
 
 def test_rows_are_read_the_same_without_preadv(monkeypatch, tmp_path):
     """Where os.preadv is missing (not every macOS build of Python has it), rows are read with os.pread."""
-    from patchkit import stfile
+    from patchkit.core import stfile
 
     rng = np.random.default_rng(4)
     arr = rng.integers(0, 2**16, size=(40, 24), dtype=np.uint16)
@@ -467,7 +467,7 @@ def test_rows_are_read_the_same_without_preadv(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 5)])
 def test_rows_hash_is_sha256_of_the_bytes_for_every_shape(shape):
-    from patchkit.format import rows_hash
+    from patchkit.core.patchfile import rows_hash
 
     a = np.arange(int(np.prod(shape)), dtype=np.uint16).reshape(shape)
     assert rows_hash(a) == hashlib.sha256(a.tobytes()).hexdigest()

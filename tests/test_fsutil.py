@@ -1,4 +1,4 @@
-"""patchkit.fsutil: output folders published exclusively or swapped whole, leftovers of killed runs
+"""patchkit.core.fsutil: output folders published exclusively or swapped whole, leftovers of killed runs
 recovered or removed by exact name, temporary names patchkit can tell apart from a user's.
 
 Every publishing test runs twice: through renameat2 (Linux) and through the portable scheme
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from patchkit import fsutil
+from patchkit.core import fsutil
+from patchkit.core.fsutil import OLD_SUFFIX, TMP_SUFFIX, is_own_temp
 from patchkit.errors import LockedError, OutputExistsError
-from patchkit.fsutil import OLD_SUFFIX, TMP_SUFFIX, is_own_temp
 
 SCHEMES = ["renameat2", "portable", "einval"]
 
@@ -219,7 +219,7 @@ def test_overwrite_of_an_output_another_run_is_using_is_refused(scheme, tmp_path
 def _killed_publish(out: str, overwrite: bool, kill_at: int, counter) -> None:
     """Build and publish `out`, SIGKILLed just before the step number `kill_at` (a rename, an exchange
     or a removal); kill_at=0 only counts the steps."""
-    import patchkit.fsutil as f
+    import patchkit.core.fsutil as f
 
     steps = [0]
 

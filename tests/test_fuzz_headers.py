@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.patchfile import Patch, make_edit
+from patchkit.core.stfile import STFormatError, read_header, serialize
 from patchkit.errors import PatchkitError
-from patchkit.format import Patch, make_edit
-from patchkit.stfile import STFormatError, read_header, serialize
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])

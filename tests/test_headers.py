@@ -16,11 +16,11 @@ import pytest
 
 from conftest import build_patch
 from helpers import snapshot
+from patchkit.core.patchfile import Patch
+from patchkit.core.stfile import encode_header, read_header
 from patchkit.errors import (
     BaseMismatchError, CheckpointError, PatchFormatError, PatchkitError, UnsupportedError,
 )
-from patchkit.format import Patch
-from patchkit.stfile import encode_header, read_header
 
 GOOD_ENTRY = '{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}'
 
@@ -518,7 +518,7 @@ def test_a_patch_touching_an_unknown_dtype_is_refused(tmp_path, copy_ckpt, cli_r
 
 def _u8_patch(tmp_path):
     """A valid patch that replaces row 2 of zz.scales, made as if the tensor were U8."""
-    from patchkit.format import make_edit
+    from patchkit.core.patchfile import make_edit
 
     base_raw = np.frombuffer(UNKNOWN["zz.scales"][2][16:24], np.uint8).reshape(1, 8)
     edit = make_edit("zz.scales", (6, 8), "U8", [2], base_raw, values=np.full((1, 8), 7, np.uint8))
@@ -534,7 +534,7 @@ def test_a_known_dtype_patch_on_an_unknown_dtype_tensor_is_unsupported(tmp_path,
 def test_library_errors_are_typed(tmp_path):
     """Every hostile header read directly raises STFormatError (callers wrap it), and Patch.load a
     PatchkitError."""
-    from patchkit.stfile import STFormatError
+    from patchkit.core.stfile import STFormatError
 
     for text in ('{"w":' + "[" * 10000 + "]" * 10000 + "}", '{"w":{"dtype":["x"],"shape":[1],"data_offsets":[0,4]}}'):
         p = tmp_path / "x.safetensors"

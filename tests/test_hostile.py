@@ -17,11 +17,11 @@ import pytest
 
 from conftest import build_patch, run_cli_subprocess
 from helpers import snapshot
-from patchkit import journal as jn
-from patchkit import ops, records, writes
-from patchkit import state as st
-from patchkit import stfile
-from patchkit.checkpoint import Checkpoint
+from patchkit.core import journal as jn
+from patchkit.core import ops, records, writes
+from patchkit.core import state as st
+from patchkit.core import stfile
+from patchkit.core.checkpoint import Checkpoint
 from patchkit.errors import CheckpointError
 from test_safety import assert_clean_error
 
@@ -407,7 +407,7 @@ def test_an_edited_id_without_checksum_never_deletes_the_real_undo_record(world,
 def test_a_journal_with_malformed_metadata_is_refused_before_writing(field, value, world, cli_runner):
     ck, patch, _ = world
     assert cli_runner("apply", patch, ck, "--in-place").exit_code == 0
-    meta = {"format": "patchkit.journal", "mode": "undo", "undo_ids": "[]", "state_before": st.State().to_bytes().decode()}
+    meta = {"format": "patchkit.core.journal", "mode": "undo", "undo_ids": "[]", "state_before": st.State().to_bytes().decode()}
     meta[field] = value
     records.write_record(ck / ".patchkit" / "journal.safetensors", {}, meta)
     before = snapshot(ck)

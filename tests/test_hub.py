@@ -1,6 +1,6 @@
-"""patchkit.hub against a local fake Hub (tests/fakehub.py), with the real huggingface_hub client.
+"""patchkit.share.hub against a local fake Hub (tests/fakehub.py), with the real huggingface_hub client.
 
-The client is not patched: it is pointed at the fake server with HF_ENDPOINT (which patchkit.hub reads at
+The client is not patched: it is pointed at the fake server with HF_ENDPOINT (which patchkit.share.hub reads at
 each call), and its cache at a temporary HF_HOME. No traffic leaves 127.0.0.1.
 """
 
@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fakehub import FakeHub  # noqa: E402
 
-from patchkit import hub as H  # noqa: E402
-from patchkit import push as P  # noqa: E402
-from patchkit.card import render_card  # noqa: E402
+from patchkit.core.patchfile import Patch, make_edit  # noqa: E402
+from patchkit.core.stfile import serialize  # noqa: E402
 from patchkit.errors import CheckpointError, HubError, PatchFormatError  # noqa: E402
-from patchkit.format import Patch, make_edit  # noqa: E402
-from patchkit.stfile import serialize  # noqa: E402
+from patchkit.share import hub as H  # noqa: E402
+from patchkit.share import push as P  # noqa: E402
+from patchkit.share.card import render_card  # noqa: E402
 
 TOKEN = "hf_fake_token"
 
@@ -176,7 +176,7 @@ def test_download_with_and_without_path_and_revision(hub, tmp_path, pushed):
     hub.add_files("me/calm", {"v1/calm.safetensors": data}, branch="main", tag="v1.0")
     assert Patch.load(H.download_patch("hf://me/calm/v1/calm.safetensors@v1.0")).id == p.id
     # through sources.resolve_patch, as every command does
-    from patchkit.sources import resolve_patch
+    from patchkit.share.sources import resolve_patch
 
     assert Patch.load(resolve_patch("hf://me/calm/calm.safetensors")).id == p.id
 
@@ -441,9 +441,9 @@ def test_cli_push_then_apply_from_hub_and_push_release(hub, tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from patchkit.checkpoint import Checkpoint
     from patchkit.cli import cli
-    from patchkit.format import Patch, make_edit
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch, make_edit
 
     base = helpers.tiny_llama(tmp_path / "base", torch.bfloat16, sharded=True)
     ck = Checkpoint(base)
@@ -479,9 +479,9 @@ def test_cli_hub_model_ids_for_apply_and_compute(hub, tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from patchkit.checkpoint import Checkpoint
     from patchkit.cli import cli
-    from patchkit.probefile import ProbeArrays, write_probe
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.method.probefile import ProbeArrays, write_probe
 
     base = helpers.tiny_llama(tmp_path / "base", torch.bfloat16, sharded=True)
     P.push_checkpoint(base, "me/tinybase")
@@ -494,7 +494,7 @@ def test_cli_hub_model_ids_for_apply_and_compute(hub, tmp_path):
     r = run.invoke(cli, ["compute", "me/tinybase", "--probe", str(tmp_path / "p.safetensors"), "-o", str(tmp_path / "x.safetensors"),
                          "--top-k", "6", "--json"])
     assert r.exit_code == 0, r.output
-    from patchkit.format import Patch
+    from patchkit.core.patchfile import Patch
 
     patch = Patch.load(tmp_path / "x.safetensors")
     assert patch.base_model == "me/tinybase" and len(patch.base_revision) == 40  # the resolved commit
@@ -515,9 +515,9 @@ def test_compute_on_a_hub_model_fetches_only_the_target_shards(hub, tmp_path, mo
     import torch
     from click.testing import CliRunner
 
-    from patchkit.checkpoint import Checkpoint
     from patchkit.cli import cli
-    from patchkit.format import Patch
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.patchfile import Patch
 
     model = helpers.make_model(helpers.llama_config(), seed=4, dtype=torch.bfloat16)
     base = helpers.save_checkpoint(model, tmp_path / "base", shard_size="12KB")

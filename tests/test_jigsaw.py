@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchkit import judges as J
 from patchkit.errors import DataError
-from patchkit.safepickle import PickledObject, read_restricted
+from patchkit.evaluation import judges as J
+from patchkit.evaluation.safepickle import PickledObject, read_restricted
 
 REFERENCE = Path(__file__).parent / "data" / "jigsaw_reference.json"
 
@@ -44,7 +44,7 @@ def _cache(tmp_path_factory, monkeypatch):
 # ------------------------------------------------------------------------------- (a) exactness
 @needs_package
 def test_all_six_outputs_match_the_tensorflow_reference():
-    from patchkit import jigsaw as JG
+    from patchkit.evaluation import jigsaw as JG
 
     ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
     assert ref["labels"] == list(JG.LABELS) and ref["maxlen"] == JG.MAXLEN
@@ -119,8 +119,8 @@ def test_reads_plain_data_and_a_named_object():
 
 @needs_package
 def test_reads_the_real_tokenizer_and_caches_it():
-    from patchkit import jigsaw as JG
-    from patchkit.embedded import cache_dir
+    from patchkit.evaluation import jigsaw as JG
+    from patchkit.method.embedded import cache_dir
 
     _, path = JG.package_files()
     d = JG.tokenizer_from_pickle(path.read_bytes(), str(path))
@@ -136,7 +136,7 @@ def test_reads_the_real_tokenizer_and_caches_it():
 
 # --------------------------------------------------------------------------- (c) preprocessing
 def test_keras_word_splitting():
-    from patchkit.jigsaw import text_to_word_sequence as split
+    from patchkit.evaluation.jigsaw import text_to_word_sequence as split
 
     assert split("Hello, World!") == ["hello", "world"]
     assert split("a.b-c_d  e\tf\ng") == ["a", "b", "c", "d", "e", "f", "g"]
@@ -148,7 +148,7 @@ def test_keras_word_splitting():
 
 
 def test_keras_ids_and_padding():
-    from patchkit.jigsaw import KerasTokenizer, pad_sequences
+    from patchkit.evaluation.jigsaw import KerasTokenizer, pad_sequences
 
     tok = KerasTokenizer({"the": 1, "cat": 2, "sat": 3, "rare": 7}, num_words=5)
     assert tok.texts_to_sequences(["The cat, the RARE dog sat!"]) == [[1, 2, 1, 3]]  # >= num_words and unknown dropped
@@ -164,7 +164,7 @@ def test_keras_ids_and_padding():
 
 @needs_package
 def test_package_ids_keep_the_last_100_words():
-    from patchkit import jigsaw as JG
+    from patchkit.evaluation import jigsaw as JG
 
     ids = JG.encode(["idiot " + "the " * 150, "the " * 150 + "idiot", "the cat"])
     assert ids.shape == (3, 100)
@@ -186,7 +186,7 @@ def test_make_judge_jigsaw():
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    from patchkit import jigsaw as JG
+    from patchkit.evaluation import jigsaw as JG
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

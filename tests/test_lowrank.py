@@ -14,13 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from conftest import load_tensors
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
-from patchkit.dtypes import STORAGE
-from patchkit.encodings import exceptions_for
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.dtypes import STORAGE
+from patchkit.core.encodings import exceptions_for
+from patchkit.core.patchfile import Patch, TensorEdit, make_edit
+from patchkit.core.stfile import serialize
 from patchkit.errors import PatchFormatError
-from patchkit.format import Patch, TensorEdit, make_edit
-from patchkit.stfile import serialize
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 L, S, X = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TORCH_DTYPES, assert_tensors_bitequal, build_patch, load_tensors
-from patchkit import ops
+from patchkit.core import ops
 from patchkit.errors import BaseMismatchError
-from patchkit.memory import apply_in_memory, patched, revert_in_memory
+from patchkit.evaluation.inmemory import apply_in_memory, patched, revert_in_memory
 
 
 def load_model(path, dtype):
@@ -102,11 +102,11 @@ def test_moe_patches_apply_in_memory_to_fused_experts(family, tmp_path):
     """transformers saves experts one by one but holds them fused in memory: the names are mapped."""
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-    from patchkit import ops
-    from patchkit.checkpoint import Checkpoint
-    from patchkit.compute import compute_patch
-    from patchkit.memory import patched
-    from patchkit.probefile import ProbeArrays
+    from patchkit.core import ops
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.evaluation.inmemory import patched
+    from patchkit.method.compute import compute_patch
+    from patchkit.method.probefile import ProbeArrays
 
     common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, num_experts_per_tok=2)
@@ -130,8 +130,8 @@ def test_moe_patches_apply_in_memory_to_fused_experts(family, tmp_path):
     assert torch.equal(got, expected)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # and `eval`, with its controls, runs on the fused layout and restores the weights
-    from patchkit import judges as J
-    from patchkit.evaluate import evaluate
+    from patchkit.evaluation import judges as J
+    from patchkit.evaluation.evaluate import evaluate
 
     path = patch.save(tmp_path / "moe.safetensors")
     r = evaluate(base, [path], prompts=["the good dog", "a cruel group"], benign=["the river is calm"],

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 
 from conftest import load_tensors
-from patchkit import ops
-from patchkit.checkpoint import Checkpoint
-from patchkit.dtypes import to_float, ulp
+from patchkit.core import ops
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.dtypes import to_float, ulp
+from patchkit.core.merge import MergeError, Part, combine_edits, merge, merge_patches, to_edit
+from patchkit.core.patchfile import Patch, TensorEdit, make_edit, rows_hash
 from patchkit.errors import BaseMismatchError
-from patchkit.format import Patch, TensorEdit, make_edit, rows_hash
-from patchkit.merge import MergeError, Part, combine_edits, merge, merge_patches, to_edit
 
 GATE = "model.layers.0.mlp.gate_proj.weight"  # [48, 32]
 UP = "model.layers.2.mlp.up_proj.weight"
@@ -303,7 +303,7 @@ def lowrank_edit(ck: Checkpoint, name: str, rows, r: int, seed: int, exceptions=
 
 
 def test_lowrank_parts_stack_into_one_lowrank_edit(ckpts, tmp_path):
-    from patchkit.encodings import lowrank_delta
+    from patchkit.core.encodings import lowrank_delta
 
     ck = Checkpoint(ckpts[("bf16", False)])
     a = lowrank_edit(ck, GATE, [1, 4, 7], 2, 0)
@@ -318,7 +318,7 @@ def test_lowrank_parts_stack_into_one_lowrank_edit(ckpts, tmp_path):
     assert np.array_equal(e.u[[1, 2, 3], :2], a.u) and np.array_equal(e.u[[2, 4], 2:3], np.float32(0.5) * b.u)
     assert not e.u[[0, 4], :2].any() and e.u[[0, 4], 3].tolist() == [1.0, 1.0]
     base = ck.read_rows(GATE, e.rows)
-    from patchkit.dtypes import add_to_rows
+    from patchkit.core.dtypes import add_to_rows
 
     assert np.array_equal(e.new_rows(base), add_to_rows(base, "BF16", delta=lowrank_delta(e.u, e.v))[0])
     out = ops.apply(m, ckpts[("bf16", False)], tmp_path / "out")

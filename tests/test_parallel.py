@@ -1,4 +1,4 @@
-"""patchkit.parallel: per-tensor work on several threads, results in order, first error wins."""
+"""patchkit.core.parallel: per-tensor work on several threads, results in order, first error wins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from patchkit.parallel import map_ordered, workers
+from patchkit.core.parallel import map_ordered, workers
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchkit.errors import DataError, ProbeError
-from patchkit.probe import Probe, load_probe, save_probe, train_layer_probes, train_probe
+from patchkit.method.probe import Probe, load_probe, save_probe, train_layer_probes, train_probe
 
 
 def separable(n: int = 240, hidden: int = 24, seed: int = 0, margin: float = 2.0):

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from patchkit import ops
-from patchkit.data import LabelledData
+from patchkit.core import ops
+from patchkit.core.patchfile import Patch
 from patchkit.errors import PatchkitError
-from patchkit.format import Patch
-from patchkit.damping import aura_gamma, auroc, damping_patch, neuron_activations
-from patchkit.projection import directions_from_features, projection_patch
+from patchkit.method.damping import aura_gamma, auroc, damping_patch, neuron_activations
+from patchkit.method.data import LabelledData
+from patchkit.method.projection import directions_from_features, projection_patch
 from test_architectures import LABELS, SPECS, TEXTS, zoo  # noqa: F401  (fixture)
 
-# written from the modelling code, not from patchkit.targets: the modules that add to the residual stream,
+# written from the modelling code, not from patchkit.method.targets: the modules that add to the residual stream,
 # and whether the weight is stored [hidden, in] (rows) or transposed [in, hidden] (GPT-2 Conv1D)
 WRITERS = {r"(mlp\.down_proj|self_attn\.o_proj|mlp\.dense_4h_to_h|attention\.dense|fc2|self_attn\.out_proj|"
            r"self_attention\.dense|experts\.\d+\.w2|shared_expert\.down_proj|experts\.\d+\.down_proj)\.weight$": "rows",
@@ -118,7 +118,7 @@ def test_cli_compute_method_projection(zoo, tmp_path, cli_runner):  # noqa: F811
     assert r.exit_code == 2 and "needs --probe" in r.output
 
 
-# ---- damping (AurA), patchkit/damping.py: scale edits ------------------------------------------------------
+# ---- damping (AurA), patchkit/method/damping.py: scale edits ------------------------------------------------------
 def test_auroc_matches_the_pairwise_definition():
     rng = np.random.default_rng(0)
     s = rng.integers(0, 4, size=(30, 5)).astype(np.float32)  # many ties
@@ -132,7 +132,7 @@ def test_auroc_matches_the_pairwise_definition():
 
 
 def test_damping_patch_equals_the_torch_reference(zoo, tmp_path):  # noqa: F811
-    from patchkit.method import load_model
+    from patchkit.method.pipeline import load_model
 
     base = zoo("llama").path
     model, tok = load_model(base)

@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from conftest import load_tensors
 from helpers import snapshot
-from patchkit import ops
-from patchkit.dtypes import STORAGE
+from patchkit.core import ops
+from patchkit.core.dtypes import STORAGE
+from patchkit.core.patchfile import Patch, make_edit
 from patchkit.errors import NonFiniteError
-from patchkit.format import Patch, make_edit
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SIGNED = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}
@@ -173,7 +173,7 @@ def test_revert_without_record_is_exact_when_it_says_so(tmp_path, specs):
         assert np.isfinite(r["max_error_ulps"])
         if same:
             assert r["max_error_ulps"] == 0
-        from patchkit.dtypes import ulp
+        from patchkit.core.dtypes import ulp
 
         for n, t in tensors.items():
             a, b = back[n].double().numpy().ravel(), t.double().numpy().ravel()

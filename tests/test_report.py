@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchkit import stats
+from patchkit.evaluation import stats
 
 SHIPPED = Path(__file__).parents[1] / "patches" / "smollm2-135m-instruct-detox.safetensors"
 
@@ -54,8 +54,8 @@ def test_rtp_metrics_by_hand():
 
 
 def test_card_says_which_weights_the_shipped_patch_fits():
-    from patchkit.card import render_card
-    from patchkit.format import Patch
+    from patchkit.core.patchfile import Patch
+    from patchkit.share.card import render_card
 
     p = Patch.load(SHIPPED)
     text = render_card(p, "me/detox")
@@ -66,8 +66,8 @@ def test_card_says_which_weights_the_shipped_patch_fits():
 
 
 def test_card_of_a_hub_base_still_downloads_it():
-    from patchkit.card import render_card
-    from patchkit.format import Patch
+    from patchkit.core.patchfile import Patch
+    from patchkit.share.card import render_card
 
     p = Patch.load(SHIPPED)
     hub = Patch(edits=p.edits, base_model="org/model", base_revision="a" * 40, provenance={"method": "manual"})

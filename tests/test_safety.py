@@ -16,15 +16,15 @@ import torch
 import helpers
 from conftest import build_patch, run_cli_subprocess
 from helpers import snapshot
-from patchkit import ops
-from patchkit import journal as jn
-from patchkit import state as st
-from patchkit.checkpoint import Checkpoint
+from patchkit.core import ops
+from patchkit.core import journal as jn
+from patchkit.core import state as st
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.patchfile import Patch, make_edit
+from patchkit.core.stfile import serialize
 from patchkit.errors import (
     BaseMismatchError, CheckpointError, LockedError, NonFiniteError, OutputExistsError, PatchFormatError,
 )
-from patchkit.format import Patch, make_edit
-from patchkit.stfile import serialize
 
 
 def assert_clean_error(r, exit_code=None, match=None):
@@ -371,7 +371,7 @@ def test_a_journal_of_an_unknown_kind_is_left_alone_with_a_clear_error(ckpts, tm
     ck = tmp_path / "ck"
     shutil.copytree(ckpts[("bf16", False)], ck)
     (ck / ".patchkit").mkdir()
-    meta = {"format": "patchkit.journal", "mode": "from-the-future", "state_before": st.State().to_bytes().decode()}
+    meta = {"format": "patchkit.core.journal", "mode": "from-the-future", "state_before": st.State().to_bytes().decode()}
     (ck / ".patchkit" / "journal.safetensors").write_bytes(serialize({}, meta))
     before = snapshot(ck)
     p = build_patch(ckpts[("bf16", False)]).save(tmp_path / "p.safetensors")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchkit.errors import DataError, UnsupportedError
-from patchkit.select import (
+from patchkit.method.select import (
     PAPER_FRACTION,
     Strategy,
     edit_direction,

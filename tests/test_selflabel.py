@@ -1,4 +1,4 @@
-"""Self-labelled probe data (patchkit.selflabel) and the disjoint RealToxicityPrompts split (patchkit.data.rtp_split)."""
+"""Self-labelled probe data (patchkit.evaluation.selflabel) and the disjoint RealToxicityPrompts split (patchkit.method.data.rtp_split)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from patchkit import judges as J
-from patchkit.data import LabelledData, rtp_split
-from patchkit.selflabel import Settings, label, learning_curve, self_labelled, split_by_prompt
+from patchkit.evaluation import judges as J
+from patchkit.evaluation.selflabel import Settings, label, learning_curve, self_labelled, split_by_prompt
+from patchkit.method.data import LabelledData, rtp_split
 
 PROMPTS = [f"prompt number {i} about the {w}" for i, w in enumerate(["dog", "cat", "river", "tree", "house", "road", "book", "city"])]
 

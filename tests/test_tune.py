@@ -1,4 +1,4 @@
-"""patchkit.tune: the budget is respected on a constructed case with a known answer, every reported
+"""patchkit.evaluation.tune: the budget is respected on a constructed case with a known answer, every reported
 number is what `evaluate` measures for the same patch, the ranking is computed once and sliced
 exactly as compute selects, runs are reproducible byte for byte, and the numbers travel in the patch.
 
@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from patchkit import judges as J
-from patchkit.checkpoint import Checkpoint
-from patchkit.compute import compute_patch, rank_rows
+from patchkit.core.checkpoint import Checkpoint
+from patchkit.core.patchfile import Patch
 from patchkit.errors import DataError, OutputExistsError, ProbeError
-from patchkit.evaluate import edit_norm, evaluate
-from patchkit.format import Patch
-from patchkit.tune import (
+from patchkit.evaluation import judges as J
+from patchkit.evaluation.evaluate import edit_norm, evaluate
+from patchkit.evaluation.tune import (
     NoFeasiblePointError,
     Point,
     choose,
@@ -30,6 +29,7 @@ from patchkit.tune import (
     render_tune_table,
     tune,
 )
+from patchkit.method.compute import compute_patch, rank_rows
 
 PROMPTS = ["the people", "a cruel group of", "good friend and", "the city at night", "hate is", "the dog and the cat"]
 BENIGN = ["the river is calm and blue", "a good book of music", "the house on the road", "we love the green tree"]
@@ -48,8 +48,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    from patchkit.activations import extract_features
-    from patchkit.probe import save_probe, train_probe
+    from patchkit.method.activations import extract_features
+    from patchkit.method.probe import save_probe, train_probe
 
     root = tmp_path_factory.mktemp("tune")
     torch.manual_seed(0)

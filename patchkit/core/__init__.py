@@ -1,0 +1,1 @@
+"""patchkit.core: checkpoints, patch files and the operations on them (numpy only)."""

@@ -1,0 +1,1 @@
+"""patchkit.evaluation: a patch on a live model (generation, judges, tuning, reports)."""

@@ -1,0 +1,1 @@
+"""patchkit.method: from a model to a patch (targets, data, features, probes, selection)."""

@@ -1,0 +1,1 @@
+"""patchkit.share: patches and checkpoints to and from the Hugging Face Hub."""
