@@ -23,6 +23,7 @@ from fakehub import FakeHub  # noqa: E402
 from patchkit.core.patchfile import Patch, make_edit  # noqa: E402
 from patchkit.core.stfile import serialize  # noqa: E402
 from patchkit.errors import CheckpointError, HubError, PatchFormatError  # noqa: E402
+from patchkit.share import download as D  # noqa: E402
 from patchkit.share import hub as H  # noqa: E402
 from patchkit.share import push as P  # noqa: E402
 from patchkit.share.card import render_card  # noqa: E402
@@ -127,13 +128,13 @@ def test_push_to_existing_repo_new_branch_and_pr(hub, tmp_path, pushed):
     r = P.push_patch(tmp_path / "calm.safetensors", "me/calm", revision="v2")
     assert r["revision"] == "v2" and hub.repos["me/calm"].refs["v2"] == r["commit"]
     assert "patchkit apply hf://me/calm@v2 MODEL_DIR" in hub.files("me/calm", "v2")["README.md"].decode()
-    assert Patch.load(H.download_patch("hf://me/calm@v2")).id == p2.id
-    assert Patch.load(H.download_patch("hf://me/calm")).id == pushed[0].id
+    assert Patch.load(D.download_patch("hf://me/calm@v2")).id == p2.id
+    assert Patch.load(D.download_patch("hf://me/calm")).id == pushed[0].id
 
     r = P.push_patch(tmp_path / "calm.safetensors", "me/calm", create_pr=True)
     assert r["pr_url"].endswith("/discussions/1") and r["ref"] == "hf://me/calm@refs/pr/1"
-    assert Patch.load(H.download_patch("hf://me/calm@refs/pr/1")).id == p2.id
-    assert Patch.load(H.download_patch("hf://me/calm")).id == pushed[0].id  # main untouched
+    assert Patch.load(D.download_patch("hf://me/calm@refs/pr/1")).id == p2.id
+    assert Patch.load(D.download_patch("hf://me/calm")).id == pushed[0].id  # main untouched
 
 
 def test_push_private_and_card_without_hub_base(hub, tmp_path):
@@ -165,16 +166,16 @@ def test_push_errors(hub, tmp_path, monkeypatch):
 # ---- download_patch --------------------------------------------------------------------------------------
 def test_download_with_and_without_path_and_revision(hub, tmp_path, pushed):
     p, r = pushed
-    local = H.download_patch("hf://me/calm")
+    local = D.download_patch("hf://me/calm")
     assert Patch.load(local).id == p.id
     assert Path(os.path.realpath(local)).is_relative_to(os.path.realpath(tmp_path / "hf" / "hub"))
-    assert Patch.load(H.download_patch("hf://me/calm/calm.safetensors")).id == p.id
-    assert Patch.load(H.download_patch(f"hf://me/calm@{r['commit']}")).id == p.id
-    assert Patch.load(H.download_patch(f"hf://me/calm/calm.safetensors@{r['commit']}")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/calm.safetensors")).id == p.id
+    assert Patch.load(D.download_patch(f"hf://me/calm@{r['commit']}")).id == p.id
+    assert Patch.load(D.download_patch(f"hf://me/calm/calm.safetensors@{r['commit']}")).id == p.id
     # a patch in a sub folder, on a tag
     data = (tmp_path / "calm.safetensors").read_bytes()
     hub.add_files("me/calm", {"v1/calm.safetensors": data}, branch="main", tag="v1.0")
-    assert Patch.load(H.download_patch("hf://me/calm/v1/calm.safetensors@v1.0")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/v1/calm.safetensors@v1.0")).id == p.id
     # through sources.resolve_patch, as every command does
     from patchkit.share.sources import resolve_patch
 
@@ -185,23 +186,23 @@ def test_default_path_skips_non_patch_safetensors_and_lists_several(hub, tmp_pat
     p = make_patch(tmp_path / "a.safetensors", seed=0)
     make_patch(tmp_path / "b.safetensors", seed=1)
     hub.add_files("me/mixed", {"model.safetensors": plain_safetensors(), "a.safetensors": (tmp_path / "a.safetensors").read_bytes()})
-    assert Patch.load(H.download_patch("hf://me/mixed")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/mixed")).id == p.id
     assert "model.safetensors" not in hub.downloads("me/mixed")  # only its header was read (ranged GET)
     assert any(q.range == "bytes=0-100000" and q.path.endswith("/model.safetensors") for q in hub.requests)
 
     hub.add_files("me/mixed", {"sub/b.safetensors": (tmp_path / "b.safetensors").read_bytes()})
     with pytest.raises(HubError, match=r"holds 2 patches \(a.safetensors, sub/b.safetensors\): name one"):
-        H.download_patch("hf://me/mixed")
-    assert Patch.load(H.download_patch("hf://me/mixed/sub/b.safetensors")).id != p.id
+        D.download_patch("hf://me/mixed")
+    assert Patch.load(D.download_patch("hf://me/mixed/sub/b.safetensors")).id != p.id
 
     hub.add_files("me/none", {"config.json": b"{}"})
     with pytest.raises(HubError, match="holds no .safetensors file"):
-        H.download_patch("hf://me/none")
+        D.download_patch("hf://me/none")
     hub.add_files("me/plain", {"model.safetensors": plain_safetensors(), "other.safetensors": plain_safetensors(1)})
     with pytest.raises(HubError, match="none is a patchkit patch"):
-        H.download_patch("hf://me/plain")
+        D.download_patch("hf://me/plain")
     with pytest.raises(PatchFormatError, match="not a patchkit patch"):
-        H.download_patch("hf://me/plain/model.safetensors")
+        D.download_patch("hf://me/plain/model.safetensors")
 
 
 def test_tampered_file_is_refused_and_evicted(hub, tmp_path, pushed):
@@ -212,41 +213,41 @@ def test_tampered_file_is_refused_and_evicted(hub, tmp_path, pushed):
     assert Patch.load(tmp_path / "other.safetensors").id.encode() in other and len(forged) == len(other)
     hub.tamper("me/calm", "calm.safetensors", forged)
     with pytest.raises(PatchFormatError, match="content id does not match.*removed from the HF cache"):
-        H.download_patch("hf://me/calm/calm.safetensors")
+        D.download_patch("hf://me/calm/calm.safetensors")
     assert not [f for f in cache_files(tmp_path) if f.parent.name == "blobs"]
     hub.tamper("me/calm", "calm.safetensors", good)  # the mirror is repaired: a retry downloads again
-    assert Patch.load(H.download_patch("hf://me/calm/calm.safetensors")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/calm.safetensors")).id == p.id
 
 
 def test_offline_uses_the_cache(hub, tmp_path, pushed, monkeypatch):
     p, _ = pushed
-    H.download_patch("hf://me/calm")
+    D.download_patch("hf://me/calm")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.clear_log()
-    assert Patch.load(H.download_patch("hf://me/calm")).id == p.id
-    assert Patch.load(H.download_patch("hf://me/calm/calm.safetensors")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/calm.safetensors")).id == p.id
     with pytest.raises(HubError, match=r"HF_HUB_OFFLINE is set and hf://me/calm@v9 is not in the cache .*nothing was written"):
-        H.download_patch("hf://me/calm@v9")
+        D.download_patch("hf://me/calm@v9")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set and hf://me/never is not in the cache"):
-        H.download_patch("hf://me/never")
+        D.download_patch("hf://me/never")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set and hf://me/never/p.safetensors is not in the cache"):
-        H.download_patch("hf://me/never/p.safetensors")
+        D.download_patch("hf://me/never/p.safetensors")
     assert hub.requests == []  # not one request
 
 
 def test_network_unreachable(hub, tmp_path, pushed, monkeypatch):
     p, _ = pushed
-    H.download_patch("hf://me/calm")
+    D.download_patch("hf://me/calm")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     s.close()  # nothing listens there: connection refused
     monkeypatch.setenv("HF_ENDPOINT", dead)
-    assert Patch.load(H.download_patch("hf://me/calm")).id == p.id  # from the cache
+    assert Patch.load(D.download_patch("hf://me/calm")).id == p.id  # from the cache
     with pytest.raises(HubError, match=r"network unreachable \(http://127.0.0.1:\d+\) and hf://me/other is not in the cache.*: nothing was written"):
-        H.download_patch("hf://me/other")
+        D.download_patch("hf://me/other")
     with pytest.raises(HubError, match="network unreachable"):
-        H.download_patch("hf://me/other/p.safetensors")
+        D.download_patch("hf://me/other/p.safetensors")
     with pytest.raises(HubError, match="network unreachable .*nothing was pushed"):
         P.push_patch(tmp_path / "calm.safetensors", "me/calm")
 
@@ -264,7 +265,7 @@ def test_network_unreachable(hub, tmp_path, pushed, monkeypatch):
 def test_errors(hub, tmp_path, setup, ref, message):
     setup(hub)
     with pytest.raises(HubError, match=message):
-        H.download_patch(ref)
+        D.download_patch(ref)
     assert not [f for f in cache_files(tmp_path) if f.parent.name == "blobs"]
 
 
@@ -274,32 +275,32 @@ def test_private_repo_needs_a_token(hub, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf2"))  # no saved login there either
     with pytest.raises(HubError, match=r"repository me/private not found \(or you have no access: set HF_TOKEN\)"):
-        H.download_patch("hf://me/private")
+        D.download_patch("hf://me/private")
     with pytest.raises(HubError, match=r"repository me/private not found"):
-        H.download_patch("hf://me/private/p.safetensors")
+        D.download_patch("hf://me/private/p.safetensors")
     assert any(q.token is None and q.path.startswith("/api/models/me/private") for q in hub.requests)
     monkeypatch.setenv("HF_TOKEN", "hf_bogus")
     with pytest.raises(HubError, match="rejected the token"):
-        H.download_patch("hf://me/private")
-    assert Patch.load(H.download_patch("hf://me/private", token=TOKEN)).id == p.id
+        D.download_patch("hf://me/private")
+    assert Patch.load(D.download_patch("hf://me/private", token=TOKEN)).id == p.id
 
 
 def test_dropped_connection_leaves_nothing_and_a_retry_succeeds(hub, tmp_path, pushed):
     p, _ = pushed
     hub.fail_download("me/calm", "calm.safetensors", mode="reset", after=100)
     with pytest.raises(HubError, match="connection to the Hub lost while downloading hf://me/calm/calm.safetensors .*nothing was written"):
-        H.download_patch("hf://me/calm/calm.safetensors")
+        D.download_patch("hf://me/calm/calm.safetensors")
     leftovers = [f for f in cache_files(tmp_path) if f.parent.name in ("blobs", "snapshots") or "incomplete" in f.name]
     assert leftovers == []
     assert not list((tmp_path / "hf" / "hub").rglob("calm.safetensors"))
-    assert Patch.load(H.download_patch("hf://me/calm/calm.safetensors")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/calm.safetensors")).id == p.id
 
 
 def test_clean_close_mid_body_is_retried_by_the_client(hub, tmp_path, pushed):
     p, _ = pushed
     hub.fail_download("me/calm", "calm.safetensors", mode="close", after=100)
     hub.clear_log()
-    assert Patch.load(H.download_patch("hf://me/calm/calm.safetensors")).id == p.id
+    assert Patch.load(D.download_patch("hf://me/calm/calm.safetensors")).id == p.id
     gets = [q for q in hub.requests if q.method == "GET" and q.path.endswith("/calm.safetensors")]
     # the client retried by itself: the 100 bytes never filled one read chunk, so it starts again from 0
     # (a resume sends "Range: bytes=N-", which the fake Hub answers with 206)
@@ -327,12 +328,12 @@ def _seed_model(hub) -> str:
 
 def test_download_model_fetches_only_needed_shards(hub, tmp_path):
     commit = _seed_model(hub)
-    files = H.model_files_for("org/base", ["model.layers.0.mlp.down_proj.weight"])
+    files = D.model_files_for("org/base", ["model.layers.0.mlp.down_proj.weight"])
     assert files == ["model-00002-of-00003.safetensors"]
     hub.clear_log()
-    folder = H.download_model("org/base", allow_patterns=files)
-    assert folder.name == commit and H.RESOLVED["org/base"] == commit
-    assert H.resolved_revision("org/base") == commit
+    folder = D.download_model("org/base", allow_patterns=files)
+    assert folder.name == commit and D.RESOLVED["org/base"] == commit
+    assert D.resolved_revision("org/base") == commit
     got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     expected = ["chat_template.jinja", "config.json", "generation_config.json", "model-00002-of-00003.safetensors",
                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
@@ -341,35 +342,35 @@ def test_download_model_fetches_only_needed_shards(hub, tmp_path):
     assert sorted(hub.downloads("org/base")) == [f for f in expected if f != "model.safetensors.index.json"]
     assert not [q for q in hub.requests if "model-00001" in q.path or "model-00003" in q.path or ".bin" in q.path]
 
-    full = H.download_model("org/base")  # all weights
+    full = D.download_model("org/base")  # all weights
     assert sorted(p.name for p in full.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert not (full / "pytorch_model.bin").exists() and not (full / "README.md").exists()
 
     with pytest.raises(CheckpointError, match="names no tensor nope"):
-        H.model_files_for("org/base", ["nope"])
+        D.model_files_for("org/base", ["nope"])
     with pytest.raises(HubError, match="revision v3 not found in org/base"):
-        H.download_model("org/base@v3")
+        D.download_model("org/base@v3")
     with pytest.raises(HubError, match="repository org/none not found"):
-        H.download_model("org/none")
+        D.download_model("org/none")
     with pytest.raises(HubError, match="org/base is a gated repository"):
         hub.repos["org/base"].gated = True
-        H.resolved_revision("org/base@main")
+        D.resolved_revision("org/base@main")
 
 
 def test_download_model_unsharded_revision_and_offline(hub, tmp_path, monkeypatch):
     first = hub.add_files("org/small", {"model.safetensors": plain_safetensors(), "config.json": b"{}"}, tag="v1")
     second = hub.add_files("org/small", {"model.safetensors": plain_safetensors(1)})
-    assert H.model_files_for("org/small", ["w"]) == ["model.safetensors"]
-    assert H.download_model("org/small@v1").name == first
-    assert H.resolved_revision("org/small@v1") == first and H.resolved_revision("org/small") == second
-    folder = H.download_model("org/small")
+    assert D.model_files_for("org/small", ["w"]) == ["model.safetensors"]
+    assert D.download_model("org/small@v1").name == first
+    assert D.resolved_revision("org/small@v1") == first and D.resolved_revision("org/small") == second
+    folder = D.download_model("org/small")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.clear_log()
-    assert H.download_model("org/small") == folder
-    assert H.resolved_revision("org/small") == second
-    assert H.model_files_for("org/small", ["w"]) == ["model.safetensors"]
+    assert D.download_model("org/small") == folder
+    assert D.resolved_revision("org/small") == second
+    assert D.model_files_for("org/small", ["w"]) == ["model.safetensors"]
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
-        H.download_model("org/other")
+        D.download_model("org/other")
     assert hub.requests == []
 
 

@@ -136,7 +136,7 @@ def checkpoint_for_compute(model: str, target: str | None = None) -> tuple[Check
         return Checkpoint(resolve_model_arg(model)), None, None
     import re
 
-    from ..share.hub import download_model
+    from ..share.download import download_model
     from .targets import family_for
 
     meta = Checkpoint(download_model(model, allow_patterns=[]), partial=True)

@@ -17,7 +17,7 @@ from typing import Iterator
 from ..core.fsutil import sha256_file
 from ..core.patchfile import Patch
 from ..errors import CheckpointError, HubError
-from .hub import _api, _check_repo_id, _is_hub_exception, _where, endpoint, hub_error, offline, reachable
+from .hub import check_repo_id, endpoint, hub_api, hub_error, is_hub_exception, location, offline, reachable
 
 
 def _git_sha1(data: bytes) -> str:
@@ -25,7 +25,7 @@ def _git_sha1(data: bytes) -> str:
 
 
 def _prepare_push(repo_id: str) -> None:
-    _check_repo_id(repo_id, repo_id)
+    check_repo_id(repo_id, repo_id)
     if offline():
         raise HubError("HF_HUB_OFFLINE is set: cannot push; unset it to reach the Hub", repo_id=repo_id)
     if not reachable():
@@ -40,7 +40,7 @@ def _pushing(repo_id: str, revision: str | None) -> Iterator[None]:
     except HubError:
         raise
     except Exception as e:
-        if not _is_hub_exception(e):
+        if not is_hub_exception(e):
             raise
         raise hub_error(e, repo_id, revision, action="push") from None
 
@@ -83,7 +83,7 @@ def push_patch(patch_path, repo_id: str, revision: str | None = None, private: b
     if not name.endswith(".safetensors") or name.startswith("/") or ".." in name.split("/"):
         raise HubError(f"cannot store the patch as {name!r}: give a relative path ending in .safetensors")
     _prepare_push(repo_id)
-    api = _api(token)
+    api = hub_api(token)
     target = None if create_pr else revision
     with _pushing(repo_id, revision):
         _ensure_repo(api, repo_id, revision, private, create_pr, token)
@@ -104,7 +104,7 @@ def push_patch(patch_path, repo_id: str, revision: str | None = None, private: b
     return {
         "repo": repo_id, "revision": revision or "main", "commit": info.oid, "url": info.commit_url,
         "pr_url": info.pr_url, "path": name, "id": patch.id,
-        "ref": _where(repo_id, ref_rev if ref_rev != "main" else None, name if others else None),
+        "ref": location(repo_id, ref_rev if ref_rev != "main" else None, name if others else None),
     }
 
 
@@ -151,7 +151,7 @@ def push_checkpoint(checkpoint, repo_id: str, patches=(), revision: str | None =
     if include is not None:
         local = [f for f in local if any(fnmatch.fnmatch(f, pat) for pat in include)]
     _prepare_push(repo_id)
-    api = _api(token)
+    api = hub_api(token)
     with _pushing(repo_id, revision):
         _ensure_repo(api, repo_id, revision, private, create_pr, token)
         remote = _remote_files(api, repo_id, revision, token)

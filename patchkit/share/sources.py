@@ -1,4 +1,4 @@
-"""Where patches and models come from: local paths, and Hub references when `patchkit.share.hub` is present.
+"""Where patches and models come from: local paths, and Hub references when `patchkit.share.download` is present.
 
 Everything that accepts a patch or a model goes through here, so that remote sources work the
 same way everywhere.
@@ -17,7 +17,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?:@.+)?$")
 def resolve_patch(ref: str) -> Path:
     """A local patch path for `ref`: a file path, or `hf://OWNER/REPO[/PATH][@REVISION]`."""
     if ref.startswith("hf://"):
-        from .hub import download_patch
+        from .download import download_patch
 
         return download_patch(ref)
     p = Path(ref)
@@ -33,6 +33,6 @@ def resolve_model(ref: str, allow_patterns: list[str] | None = None) -> Path:
         if not p.exists():
             raise CheckpointError(f"checkpoint folder {ref} does not exist")
         return p
-    from .hub import download_model
+    from .download import download_model
 
     return download_model(ref, allow_patterns=allow_patterns)
