@@ -90,12 +90,29 @@ def in_patchkit(module: str) -> bool:
 CORE = sorted(n for n in MODULES if n == "patchkit.core" or n.startswith("patchkit.core."))
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_imports_without_torch(module):
-    code = (f"import {module}, sys; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+def assert_imports_without(module: str, heavy: tuple[str, ...]) -> None:
+    """Import `module` in a fresh process; none of `heavy` may be in sys.modules after."""
+    code = (f"import {module}, sys; heavy = [m for m in {heavy!r} if m in sys.modules]; "
             f"assert not heavy, f'importing {module} imported {{heavy}}'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_imports_without_torch(module):
+    assert_imports_without(module, ("torch", "transformers"))
+
+
+# The subpackages themselves, the numpy side of the method and the Hub modules load nothing heavy
+# either: huggingface_hub only inside the functions that talk to the Hub.
+LIGHT = ["patchkit", "patchkit.method", "patchkit.evaluation", "patchkit.share", "patchkit.cli",
+         "patchkit.method.compute", "patchkit.method.select"] + \
+        sorted(n for n in MODULES if n.startswith("patchkit.share."))
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_light_modules_import_nothing_heavy(module):
+    assert_imports_without(module, ("torch", "transformers", "huggingface_hub"))
 
 
 # ---- (b) -------------------------------------------------------------------------------------------

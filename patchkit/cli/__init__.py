@@ -4,6 +4,9 @@ This module assembles the group from the command modules (core, method, eval, sh
 list COMMANDS), and holds the one error table (`PatchkitGroup.invoke`): errors are turned into one
 line and an exit code there and nowhere else; set PATCHKIT_DEBUG=1 to see the traceback instead.
 `run` is the console script's entry point and `python -m patchkit`'s.
+
+The commands may import anything in patchkit, inside the command functions, so that `--help` and
+the fast commands load only what they use; nothing outside patchkit.cli imports it.
 """
 
 from __future__ import annotations

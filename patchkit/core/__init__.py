@@ -1,1 +1,28 @@
-"""patchkit.core: checkpoints, patch files and the operations on them (numpy only)."""
+"""patchkit.core: checkpoints, patch files and what is done with them, byte for byte.
+
+Here live the safetensors reader and writer (stfile), the dtypes' rounding in numpy (dtypes), a
+checkpoint folder (checkpoint), the patch file format (patchfile, with one tensor's edit in edits),
+planning and doing apply/revert/status (plan, ops) under the `.patchkit/` record and journal
+(state), diff and merge, and small helpers (fsutil, parallel, lazy). It may import numpy, the
+standard library and patchkit.errors only: never torch, transformers or huggingface_hub, so that
+`inspect`, `apply`, `revert` and `status` start fast. The one way out is a function-local import of
+patchkit.share.sources, to turn an `hf://` reference into a local file when one is given.
+(`diff`, the function, is `patchkit.diff` or `patchkit.core.diff.diff`: the name is the module's.)
+"""
+
+from .lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "Checkpoint": "patchkit.core.checkpoint",
+    "Patch": "patchkit.core.patchfile",
+    "TensorEdit": "patchkit.core.edits",
+    "make_edit": "patchkit.core.edits",
+    "Plan": "patchkit.core.plan",
+    "plan_apply": "patchkit.core.plan",
+    "plan_revert": "patchkit.core.plan",
+    "apply": "patchkit.core.ops",
+    "revert": "patchkit.core.ops",
+    "status": "patchkit.core.ops",
+    "merge_patches": "patchkit.core.merge",
+})
+del lazy_exports

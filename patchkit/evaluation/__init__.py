@@ -1,1 +1,24 @@
-"""patchkit.evaluation: a patch on a live model (generation, judges, tuning, reports)."""
+"""patchkit.evaluation: what a patch does to a live model, measured.
+
+Here live applying and reverting a patch on tensors in memory, checked bit for bit (inmemory),
+the evaluation itself: generation, judged continuations, perplexity and KL, controls (evaluate),
+the judges (judges), the search for K and alpha within a capability budget (tune), the tables
+and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,
+patchkit.share and torch/transformers; nothing imports it but patchkit.cli (and the top-level
+`patchkit.evaluate`). `evaluate` and `tune`, the functions, are `patchkit.evaluate` and
+`patchkit.evaluation.tune.tune`: here the names are the modules'.
+"""
+
+from ..core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "apply_in_memory": "patchkit.evaluation.inmemory",
+    "revert_in_memory": "patchkit.evaluation.inmemory",
+    "patched": "patchkit.evaluation.inmemory",
+    "attach_evaluation": "patchkit.evaluation.evaluate",
+    "make_controls": "patchkit.evaluation.evaluate",
+    "make_judge": "patchkit.evaluation.judges",
+    "render_table": "patchkit.evaluation.report",
+    "write_report": "patchkit.evaluation.report",
+})
+del lazy_exports
