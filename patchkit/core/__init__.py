@@ -1,9 +1,11 @@
 """patchkit.core: checkpoints, patch files and what is done with them, byte for byte.
 
 Here live the safetensors reader and writer (stfile), the dtypes' rounding in numpy (dtypes), a
-checkpoint folder (checkpoint), the patch file format (patchfile, with one tensor's edit in edits),
-planning and doing apply/revert/status (plan, ops) under the `.patchkit/` record and journal
-(state), diff and merge, and small helpers (fsutil, parallel, lazy). It may import numpy, the
+checkpoint folder (checkpoint), the patch file format and one tensor's edit (patchfile), the
+bounded checks of a patch file's metadata and arrays (patchcheck), planning apply/revert (plan),
+carrying a plan out (writes) and the commands apply/revert/status (ops) under the `.patchkit/`
+state (state), its checksummed undo records (records), the lock and journal (journal), diff and
+merge, and small helpers (fsutil, parallel, lazy). It may import numpy, the
 standard library and patchkit.errors only: never torch, transformers or huggingface_hub, so that
 `inspect`, `apply`, `revert` and `status` start fast. The one way out is a function-local import of
 patchkit.share.sources, to turn an `hf://` reference into a local file when one is given.
@@ -15,8 +17,8 @@ from .lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "Checkpoint": "patchkit.core.checkpoint",
     "Patch": "patchkit.core.patchfile",
-    "TensorEdit": "patchkit.core.edits",
-    "make_edit": "patchkit.core.edits",
+    "TensorEdit": "patchkit.core.patchfile",
+    "make_edit": "patchkit.core.patchfile",
     "Plan": "patchkit.core.plan",
     "plan_apply": "patchkit.core.plan",
     "plan_revert": "patchkit.core.plan",

@@ -2,7 +2,8 @@
 
 Here live applying and reverting a patch on tensors in memory, checked bit for bit (inmemory),
 the evaluation itself: generation, judged continuations, perplexity and KL, controls (evaluate),
-the judges (judges), the search for K and alpha within a capability budget (tune), the tables
+the judges (judges) and the Jigsaw classifier run in torch (jigsaw), reading its pickled
+vocabulary without executing it (safepickle), the search for K and alpha within a capability budget (tune), the tables
 and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,
 patchkit.share and torch/transformers; nothing imports it but patchkit.cli (and the top-level
 `patchkit.evaluate`). `evaluate` and `tune`, the functions, are `patchkit.evaluate` and
