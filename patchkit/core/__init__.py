@@ -2,6 +2,7 @@
 
 Here live the safetensors reader and writer (stfile), the dtypes' rounding in numpy (dtypes), a
 checkpoint folder (checkpoint), the patch file format and one tensor's edit (patchfile), the
+arithmetic of the v1.1 encodings, lowrank and scale (encodings), fitting a lowrank edit (lowrank), the
 bounded checks of a patch file's metadata and arrays (patchcheck), planning apply/revert (plan),
 carrying a plan out (writes) and the commands apply/revert/status (ops) under the `.patchkit/`
 state (state), its checksummed undo records (records), the lock and journal (journal), diff and

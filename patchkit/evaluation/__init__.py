@@ -1,7 +1,10 @@
 """patchkit.evaluation: what a patch does to a live model, measured.
 
 Here live applying and reverting a patch on tensors in memory, checked bit for bit (inmemory),
-the evaluation itself: generation, judged continuations, perplexity and KL, controls (evaluate),
+the evaluation itself: generation, judged continuations, perplexity and KL (evaluate), the
+controls of the same size (controls), the comparisons with the base and the controls
+(comparisons) and their statistics in numpy (stats), probe data the model writes and a judge
+labels (selflabel),
 the judges (judges) and the Jigsaw classifier run in torch (jigsaw), reading its pickled
 vocabulary without executing it (safepickle), the search for K and alpha within a capability budget (tune), the tables
 and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,

@@ -3,6 +3,8 @@
 Here live the table of model families and their target tensors (targets), labelled data and the
 built-in sets (data), hidden-state features (activations), behaviour probes and their file
 (probe, probefile), the row selection in numpy (select), the edit as a patch (compute), the
+other methods: projecting behaviour directions out of the residual writers (projection) and
+damping neurons (damping), the
 embedded SmolLM2 model (embedded), and the steps wired together for the commands (pipeline).
 It may import patchkit.core, patchkit.share (a Hub model id becomes a local snapshot) and
 torch/transformers, the latter only where a model is run (activations, probe, embedded,
