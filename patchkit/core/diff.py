@@ -151,16 +151,7 @@ def _loose_factored(name, shape, dtype, rows, old, new, delta):
 
 def _exact_factored(name, shape, dtype, rows, old, new, direction, scale) -> TensorEdit | None:
     """The factored edit (direction, scale), if it is valid and reproduces `new` from `old` exactly."""
-    edit = TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=direction, scale=scale)
-    try:
-        edit.validate()
-    except PatchkitError:
-        return None
-    new_rows = edit.new_rows(old)
-    if not np.array_equal(new_rows, new):
-        return None
-    edit.result_sha256 = rows_hash(new_rows)
-    return edit
+    return TensorEdit(name, shape, dtype, rows, "factored", rows_hash(old), direction=direction, scale=scale).if_exact(old, new)
 
 
 def diff(base, edited, output=None, *, max_changed=DEFAULT_MAX_CHANGED, full=False, description=None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import PatchkitError
 from .encodings import apply_lowrank, exceptions_for
 from .patchfile import TensorEdit, rows_hash
 
@@ -135,13 +134,5 @@ def fit_lowrank(name, shape, dtype, rows, old, new, max_rank, bounds) -> TensorE
             edit = TensorEdit(name, shape, dtype, rows, "lowrank", rows_hash(old), u=u32, v=v32)
             if len(idx):
                 edit.exc_index, edit.exc_values = idx, vals
-            try:
-                edit.validate()
-            except PatchkitError:
-                return None
-            result = edit.new_rows(old)
-            if not np.array_equal(result, new):
-                return None
-            edit.result_sha256 = rows_hash(result)
-            return edit
+            return edit.if_exact(old, new)
     return None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import PatchFormatError, UnsupportedError
+from ..errors import PatchFormatError, PatchkitError, UnsupportedError
 from . import encodings, patchcheck
 from .dtypes import FLOAT_DTYPES, add_to_rows, from_float, is_finite, named, shown, to_float
 from .encodings import factorize
@@ -161,6 +161,19 @@ class TensorEdit:
 
     def validate(self) -> None:
         encodings.validate_edit(self, n_rows_cols(self.shape))
+
+    def if_exact(self, old: np.ndarray, new: np.ndarray) -> "TensorEdit | None":
+        """This edit, with its result_sha256 set, if it is valid and turns the rows `old` into `new`
+        bit for bit; else None (how diff accepts a candidate encoding)."""
+        try:
+            self.validate()
+        except PatchkitError:
+            return None
+        result = self.new_rows(old)
+        if not np.array_equal(result, new):
+            return None
+        self.result_sha256 = rows_hash(result)
+        return self
 
 
 def make_edit(name, shape, dtype, rows, base_raw, *, delta=None, values=None, factor=True, u=None, v=None,
