@@ -407,7 +407,7 @@ def test_an_edited_id_without_checksum_never_deletes_the_real_undo_record(world,
 def test_a_journal_with_malformed_metadata_is_refused_before_writing(field, value, world, cli_runner):
     ck, patch, _ = world
     assert cli_runner("apply", patch, ck, "--in-place").exit_code == 0
-    meta = {"format": "patchkit.core.journal", "mode": "undo", "undo_ids": "[]", "state_before": st.State().to_bytes().decode()}
+    meta = {"format": "patchkit.journal", "mode": "undo", "undo_ids": "[]", "state_before": st.State().to_bytes().decode()}
     meta[field] = value
     records.write_record(ck / ".patchkit" / "journal.safetensors", {}, meta)
     before = snapshot(ck)
@@ -423,3 +423,15 @@ def test_state_written_by_an_older_patchkit_still_reads(world, cli_runner):
     _edit_state(ck, lambda d: d.update(version=1), checksum=False)
     assert cli_runner("status", ck).exit_code == 0
     assert cli_runner("revert", patch, ck, "--in-place").exit_code == 0
+
+
+def test_the_names_of_the_record_formats_are_stable(world, cli_runner):
+    """The format names inside .patchkit/ are data on disk, not module paths: a checkpoint patched by
+    an earlier patchkit must still read."""
+    ck, patch, _ = world
+    assert cli_runner("apply", patch, ck, "--in-place").exit_code == 0
+    assert json.loads((ck / ".patchkit" / "state.json").read_text())["format"] == "patchkit.state"
+    (undo,) = (ck / ".patchkit" / "undo").iterdir()
+    assert stfile.read_header(undo).metadata["format"] == "patchkit.undo"
+    jn.write_journal(ck, st.load_state(ck), undo_ids=[])
+    assert stfile.read_header(ck / ".patchkit" / "journal.safetensors").metadata["format"] == "patchkit.journal"

@@ -371,7 +371,7 @@ def test_a_journal_of_an_unknown_kind_is_left_alone_with_a_clear_error(ckpts, tm
     ck = tmp_path / "ck"
     shutil.copytree(ckpts[("bf16", False)], ck)
     (ck / ".patchkit").mkdir()
-    meta = {"format": "patchkit.core.journal", "mode": "from-the-future", "state_before": st.State().to_bytes().decode()}
+    meta = {"format": "patchkit.journal", "mode": "from-the-future", "state_before": st.State().to_bytes().decode()}
     (ck / ".patchkit" / "journal.safetensors").write_bytes(serialize({}, meta))
     before = snapshot(ck)
     p = build_patch(ckpts[("bf16", False)]).save(tmp_path / "p.safetensors")

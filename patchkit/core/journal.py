@@ -81,7 +81,7 @@ def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] |
     """undo_ids: patches whose undo records roll the write back; or rows: tensor name -> (row
     indices, their current bytes uint8 [n, row_bytes])."""
     meta = {
-        "format": "patchkit.core.journal",
+        "format": "patchkit.journal",
         "mode": "undo" if undo_ids is not None else "rows",
         "undo_ids": json.dumps(undo_ids or []),
         "state_before": state_before.to_bytes().decode(),
@@ -114,7 +114,7 @@ def rollback_plan(ckpt_path: Path, ckpt) -> tuple[State, list[dict]] | None:
     None when the journal was never committed. Raises when it cannot be trusted."""
     p = state_dir(ckpt_path) / JOURNAL
     try:
-        meta, arrays = read_record(p, "patchkit.core.journal")
+        meta, arrays = read_record(p, "patchkit.journal")
     except STFormatError:
         return None
     mode = meta.get("mode")

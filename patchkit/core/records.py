@@ -57,7 +57,7 @@ def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray]], meta: di
     atomic_write_bytes(path, serialize_chunks(arrays, meta), fsync=fsync)
 
 
-def read_record(path: Path, kind: str, limit: int | None = None) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def read_record(path: Path, kind: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """(metadata, arrays) of a record written by `write_record`, its checksum checked. Raises
     CheckpointError naming the file; STFormatError when it is not a safetensors file at all."""
     if not regular_file(path):

@@ -141,7 +141,7 @@ class State:
         return next((r for r in self.applied if r.id == patch_id), None)
 
     def to_bytes(self) -> bytes:
-        doc = {"format": "patchkit.core.state", "version": 2, "applied": [r.to_json() for r in self.applied]}
+        doc = {"format": "patchkit.state", "version": 2, "applied": [r.to_json() for r in self.applied]}
         doc["sha256"] = hashlib.sha256(canonical(doc)).hexdigest()
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
@@ -153,7 +153,7 @@ class State:
             doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, RecursionError, ValueError) as e:
             raise ValueError(f"not JSON ({e.__class__.__name__})") from None
-        if not isinstance(doc, dict) or doc.get("format") != "patchkit.core.state":
+        if not isinstance(doc, dict) or doc.get("format") != "patchkit.state":
             raise ValueError("not a patchkit state document")
         version = doc.get("version")
         if version == 2:
