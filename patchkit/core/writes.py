@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError, OutputExistsError, PatchkitError
 from . import journal as jn
 from . import state as st
 from .checkpoint import Checkpoint
-from .fsutil import is_own_temp, staged_folder
+from .fsutil import is_own_temp, staged_folder, temp_file
 from .parallel import map_ordered
 from .plan import Plan
 from .stfile import write_rows
@@ -59,19 +58,13 @@ def _own_files(paths) -> None:
     for path in paths:
         if not (path.is_symlink() or path.stat().st_nlink > 1):
             continue
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with _Step("copying", path):
-                shutil.copyfile(path, tmp)  # follows a symlink to the bytes it points at (checked regular)
-                shutil.copymode(path, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                st.crashpoint("own-copy")
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with temp_file(path) as tmp, _Step("copying", path):
+            shutil.copyfile(path, tmp)  # follows a symlink to the bytes it points at (checked regular)
+            shutil.copymode(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            st.crashpoint("own-copy")
+            os.replace(tmp, path)
 
 
 def _check_unchanged(ck: Checkpoint, files: list[Path]) -> None:
