@@ -270,7 +270,8 @@ def garbage(ckpt_path: Path, keep: set[str] | None = None) -> list[Path]:
 def collect_garbage(ckpt_path: Path) -> None:
     """Remove `garbage`, then `undo/` and `.patchkit/` when they are empty."""
     for p in garbage(ckpt_path):
-        if stat.S_ISREG(os.lstat(p).st_mode) or stat.S_ISLNK(os.lstat(p).st_mode):
+        mode = os.lstat(p).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
             os.unlink(p)  # a symlink itself, never what it points at
     d = state_dir(ckpt_path)
     for folder in (d / UNDO_DIR, d):
