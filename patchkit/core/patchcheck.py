@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import PatchFormatError, PatchkitError, UnsupportedError
 from .dtypes import DTYPE_NAME, STORAGE, named, shown
+from .sharing import SHAREABLE
 
 MAX_INT_DIGITS = 20  # digits of any integer in JSON that patchkit reads (2**64 has 20)
 INT_LIMIT = 2**63  # sizes, offsets, row indices and element counts stay below this, as int64 needs
@@ -161,6 +162,21 @@ def _opt_str(v) -> bool:
     return v is None or type(v) is str
 
 
+def check_version(path: Path, meta: dict[str, str], name: str, version: int, minor: int) -> int:
+    """Refuse a file that is not a patch of format `name`, or of a version newer than `version`.`minor`;
+    return its minor version."""
+    if meta.get("format") != name:
+        raise PatchFormatError(f"{path} is a safetensors file but not a patchkit patch (no format={name})", path=path)
+    got = meta.get("format_version", "")
+    if not re.fullmatch(r"-?[0-9]{1,9}", got):
+        raise PatchFormatError(f"{path}: format_version is not an integer")
+    if int(got) < 1:
+        raise PatchFormatError(f"{path}: format_version {int(got)} does not exist (patch formats start at v1)")
+    if int(got) > version:
+        raise PatchFormatError(f"{path} uses patch format v{int(got)}; this patchkit reads v{version}: upgrade patchkit")
+    return check_minor(path, meta, minor)
+
+
 def check_minor(path: Path, meta: dict[str, str], reads: int) -> int:
     """The file's format minor version (`format_minor`, absent for plain v1 files), refused when it is
     newer than the `reads` this version of patchkit knows."""
@@ -179,7 +195,7 @@ def check_metadata(path: Path, meta: dict[str, str], max_tensors: int, minor: in
     {"tensors": {name: (encoding, rows)}, "base": {...}, "tensor_base": {name: (shape, dtype, rows_sha256,
     result_sha256)}, "provenance": dict, "parents": [str], "eval": dict or None}."""
     n = max_tensors * (MAX_DIMS + 16) + 64
-    tensors = _field(path, meta, "tensors", None, dict, n, 2)
+    tensors = _field(path, meta, "tensors", None, dict, n, 3)
     base = _field(path, meta, "base", None, dict, n, 4)
     prov = _field(path, meta, "provenance", {}, dict, MAX_FREE_VALUES, MAX_FREE_DEPTH)
     parents = _field(path, meta, "parents", [], list, max_tensors + 64, 1)
@@ -211,7 +227,17 @@ def check_metadata(path: Path, meta: dict[str, str], max_tensors: int, minor: in
             what = f"encoding {tm['encoding']}" if tm["encoding"] in V11 else "exceptions"
             raise PatchFormatError(f"{path}: tensor {named(name)} uses {what}, which needs patch format v1.1, "
                                    "but the file does not declare it (format_minor)")
-        edits[name] = (tm["encoding"], tm["rows"], exc)
+        shared = tm.get("shared")
+        if shared is not None:
+            if type(shared) is not dict or not shared or not all(type(o) is str for o in shared.values()):
+                raise _bad(path, f"{where}: shared must be an object naming, per part, the tensor that stores it")
+            if minor < 2:
+                raise PatchFormatError(f"{path}: tensor {named(name)} shares arrays, which needs patch format v1.2, "
+                                       "but the file does not declare it (format_minor)")
+            for part in shared:
+                if part not in SHAREABLE or part not in PARTS[tm["encoding"]]:
+                    raise _bad(path, f"{where}: part {shown(part, 40)} cannot be shared by a {tm['encoding']} edit")
+        edits[name] = (tm["encoding"], tm["rows"], exc, shared or {})
         bt = base_tensors.get(name)
         if bt is None:
             raise PatchFormatError(f"{path}: tensor {named(name)} has no base fingerprint")
@@ -227,6 +253,10 @@ def check_metadata(path: Path, meta: dict[str, str], max_tensors: int, minor: in
                 result_sha is None or type(result_sha) is str and _HEX64.fullmatch(result_sha)):
             raise _bad(path, f"{where}: rows_sha256 and result_sha256 must be sha256 hex digests")
         tensor_base[name] = (tuple(bt["shape"]), dtype, rows_sha, result_sha)
+    for name, (_, _, _, shared) in edits.items():
+        for part, owner in shared.items():
+            if owner == name or owner not in edits or part in edits[owner][3] or part not in PARTS[edits[owner][0]]:
+                raise _bad(path, f"tensor {shown(name)}: its {part} is shared with {shown(owner, 80)}, which does not store one")
     fields.update(tensors=edits, base=base, tensor_base=tensor_base, provenance=prov, parents=parents, eval=evaluation)
     return fields
 
@@ -265,9 +295,9 @@ def read_arrays(path: Path, header, read_tensor, open_file) -> dict[str, np.ndar
 def build_edits(path: Path, fields: dict, arrays: dict[str, np.ndarray], edit_class) -> dict:
     """The validated edits, each made of the arrays its encoding names; no array left undescribed."""
     edits, expected = {}, set()
-    for name, (enc, n_rows, n_exc) in fields["tensors"].items():
+    for name, (enc, n_rows, n_exc, shared) in fields["tensors"].items():
         parts = PARTS[enc] + (EXCEPTION_PARTS if n_exc is not None else ())
-        keys = [f"{name}::{p}" for p in parts]
+        keys = [f"{shared.get(p, name)}::{p}" for p in parts]
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise PatchFormatError(f"{path}: missing tensor {named(missing[0])}")

@@ -20,11 +20,12 @@ from ..errors import PatchFormatError, PatchkitError, UnsupportedError
 from . import encodings, patchcheck
 from .dtypes import FLOAT_DTYPES, add_to_rows, from_float, is_finite, named, shown, to_float
 from .encodings import factorize
+from .sharing import find as find_sharing, holds as sharing_holds, stored as stored_arrays
 from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, read_tensor, serialize
 
 FORMAT_NAME = "patchkit.patch"
 FORMAT_VERSION = 1
-FORMAT_MINOR = 1  # v1.1: `lowrank`, `scale` and exceptions; written as format_minor only by files that use them
+FORMAT_MINOR = 2  # v1.1: `lowrank`, `scale`, exceptions; v1.2: shared arrays. Written only by files that use them
 ENCODINGS = encodings.ENCODINGS
 KNOWN_KEYS = {"format", "format_version", "format_minor", "id", "tensors", "base", "provenance", "parents", "eval", "description"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
@@ -222,26 +223,46 @@ class Patch:
     description: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    # The file's own sharing of arrays, for a patch read from a file: written back the same way, so
+    # that a loaded patch keeps its bytes and its id (a v1.0 file stays v1.0). None: share all it can.
+    sharing: dict[str, dict[str, str]] | None = field(default=None, repr=False, compare=False)
 
     # ---- serialisation -------------------------------------------------------------------------
-    def _metadata(self) -> dict[str, str]:
+    def base_fingerprint(self) -> dict:
+        """The `base` object: the model id and revision, and per tensor its shape, dtype and rows hashes."""
+        tensors = {n: {"shape": list(e.shape), "dtype": e.dtype, "rows_sha256": e.base_sha256, "result_sha256": e.result_sha256}
+                   for n, e in sorted(self.edits.items())}
+        return {"model_id": self.base_model, "revision": self.base_revision, "tensors": tensors}
+
+    def _shares(self) -> dict[str, dict[str, str]]:
+        """Per tensor, the parts it takes from another tensor (format v1.2, `sharing`): the file's own
+        sharing for a patch read from a file while its arrays still allow it, else all it can."""
+        if self.sharing is not None and sharing_holds(self.edits, self.sharing):
+            return self.sharing
+        return find_sharing(self.edits)
+
+    def _layout(self) -> tuple[dict[str, str], dict[str, tuple[str, np.ndarray]]]:
+        """(metadata without id, the arrays to write): what the file holds."""
+        shares = self._shares()
+        arrays = {}
+        for name, e in self.edits.items():
+            e.validate()
+            taken = shares.get(name, {})
+            arrays.update(stored_arrays(e.arrays(), taken))
+        return self._metadata(shares), arrays
+
+    def _arrays(self) -> dict[str, tuple[str, np.ndarray]]:
+        return self._layout()[1]
+
+    def _metadata(self, shares: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+        shares = self._shares() if shares is None else shares
         prov = dict(self.provenance)
         prov.setdefault("patchkit_version", __version__)
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            "tensors": _dumps({n: _tensor_entry(e) for n, e in sorted(self.edits.items())}),
-            "base": _dumps(
-                {
-                    "model_id": self.base_model,
-                    "revision": self.base_revision,
-                    "tensors": {
-                        n: {"shape": list(e.shape), "dtype": e.dtype, "rows_sha256": e.base_sha256,
-                            "result_sha256": e.result_sha256}
-                        for n, e in sorted(self.edits.items())
-                    },
-                }
-            ),
+            "tensors": _dumps({n: _tensor_entry(e, shares.get(n)) for n, e in sorted(self.edits.items())}),
+            "base": _dumps(self.base_fingerprint()),
             "provenance": _dumps(prov),
         }
         if self.parents:
@@ -250,35 +271,34 @@ class Patch:
             meta["eval"] = _dumps(self.evaluation)
         if self.description:
             meta["description"] = self.description
-        if self.minor:
-            meta["format_minor"] = str(self.minor)
+        minor = max(self.minor, 2 if shares else 0)
+        if minor:
+            meta["format_minor"] = str(minor)
         meta.update(self.extra)
         return meta
 
     @property
     def minor(self) -> int:
-        """The format minor version the patch needs: 0 (written as plain v1, no format_minor key) or 1."""
+        """The format minor version the edits' encodings need: 0 (plain v1, no format_minor key) or 1.
+        A file that shares arrays between edits is v1.2 (`format_version` in `summary()`)."""
         return max(e.minor for e in self.edits.values()) if self.edits else 0
 
-    def _arrays(self) -> dict[str, tuple[str, np.ndarray]]:
-        arrays = {}
-        for e in self.edits.values():
-            e.validate()
-            arrays.update(e.arrays())
-        return arrays
+    @property
+    def file_minor(self) -> int:
+        """The format minor version of the file as written: `minor`, or 2 when it shares arrays."""
+        return max(self.minor, 2 if self._shares() else 0)
 
     def to_bytes(self) -> bytes:
         if not self.edits:
             raise PatchFormatError("a patch must edit at least one tensor")
-        meta = self._metadata()
-        arrays = self._arrays()
+        meta, arrays = self._layout()
         meta["id"] = hashlib.sha256(serialize(arrays, meta)).hexdigest()
         return serialize(arrays, meta)
 
     @property
     def id(self) -> str:
-        meta = self._metadata()
-        return hashlib.sha256(serialize(self._arrays(), meta)).hexdigest()
+        meta, arrays = self._layout()
+        return hashlib.sha256(serialize(arrays, meta)).hexdigest()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -299,18 +319,7 @@ class Patch:
         except (STFormatError, OSError) as e:
             raise PatchFormatError(f"{path} is not a readable safetensors file: {e}", path=path) from None
         meta = header.metadata
-        if meta.get("format") != FORMAT_NAME:
-            raise PatchFormatError(f"{path} is a safetensors file but not a patchkit patch (no format={FORMAT_NAME})", path=path)
-        version = meta.get("format_version", "")
-        if not re.fullmatch(r"-?[0-9]{1,9}", version):
-            raise PatchFormatError(f"{path}: format_version is not an integer")
-        if int(version) < 1:
-            raise PatchFormatError(f"{path}: format_version {int(version)} does not exist (patch formats start at v1)")
-        if int(version) > FORMAT_VERSION:
-            raise PatchFormatError(
-                f"{path} uses patch format v{int(version)}; this patchkit reads v{FORMAT_VERSION}: upgrade patchkit"
-            )
-        minor = patchcheck.check_minor(path, meta, FORMAT_MINOR)
+        minor = patchcheck.check_version(path, meta, FORMAT_NAME, FORMAT_VERSION, FORMAT_MINOR)
         fields = patchcheck.check_metadata(path, meta, max_tensors, minor)
         if "unsupported" in fields:
             patchcheck.refuse_unsupported(path, header, meta, fields["unsupported"])
@@ -330,6 +339,7 @@ class Patch:
                 description=meta.get("description"),
                 extra=unknown,
                 path=path,
+                sharing={n: dict(t[3]) for n, t in fields["tensors"].items() if t[3]},
             )
             actual = patch.id
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
@@ -359,19 +369,12 @@ class Patch:
         nbytes = self.path.stat().st_size if self.path is not None and self.path.exists() else len(self.to_bytes())
         return {
             "id": self.id,
-            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}" + (f".{self.minor}" if self.minor else ""),
+            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}" + (f".{self.file_minor}" if self.file_minor else ""),
             "rows": self.rows,
             "tensors": tensors,
             "rows_per_layer": per_layer,
             "bytes": nbytes,
-            "base": {
-                "model_id": self.base_model,
-                "revision": self.base_revision,
-                "tensors": {
-                    n: {"shape": list(e.shape), "dtype": e.dtype, "rows_sha256": e.base_sha256, "result_sha256": e.result_sha256}
-                    for n, e in sorted(self.edits.items())
-                },
-            },
+            "base": self.base_fingerprint(),
             "provenance": self.provenance,
             "parents": self.parents,
             "eval": self.evaluation,
@@ -379,10 +382,12 @@ class Patch:
         }
 
 
-def _tensor_entry(e: TensorEdit) -> dict:
+def _tensor_entry(e: TensorEdit, shared: dict[str, str] | None = None) -> dict:
     entry = {"encoding": e.encoding, "rows": e.n_rows}
     if e.exc_index is not None:
         entry["exceptions"] = e.n_exceptions
+    if shared:
+        entry["shared"] = dict(sorted(shared.items()))
     return entry
 
 
