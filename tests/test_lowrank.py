@@ -235,3 +235,26 @@ def test_apply_lowrank_equals_torch_matmul_with_exceptions(ckpts, tmp_path, cli_
         return
     human = cli_runner("inspect", pinned_v11().save(tmp_path / "pinned.safetensors"))
     assert "lowrank r2" in human.output and "scale" in human.output and "+1 exceptions" in human.output
+
+
+def test_a_scale_patch_without_its_undo_record_is_refused_in_one_line(ckpts, tmp_path, cli_runner):
+    """A checkpoint patched elsewhere (no .patchkit/): a scale edit has no deltas to subtract, so revert
+    says what to do instead, exits non-zero and writes nothing."""
+    import filecmp
+    import shutil
+
+    base = ckpts[("bf16", False)]
+    ck = Checkpoint(base)
+    name = "model.layers.0.mlp.up_proj.weight"
+    rows = np.array([1, 5, 9], np.int64)
+    e = make_edit(name, tuple(ck.tensors[name].shape), ck.tensors[name].dtype, rows, ck.read_rows(name, rows),
+                  gamma=np.array([0.5, 0.25, 0.75], np.float32))
+    p = Patch(edits={name: e}, provenance={"method": "damping"}).save(tmp_path / "damp.safetensors")
+    ops.apply(str(p), base, tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / ".patchkit")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").glob("*.safetensors")}
+    r = cli_runner("revert", p, tmp_path / "out", "--in-place")
+    assert r.exit_code != 0 and r.output.count("\n") == 1
+    assert "multiplied" in r.output and "without its undo record it cannot be reverted" in r.output
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").glob("*.safetensors")} == before
+    assert not (tmp_path / "out" / ".patchkit").exists() and filecmp.cmp(base / "config.json", tmp_path / "out" / "config.json")

@@ -22,6 +22,8 @@ from .stfile import open_regular
 
 
 def load_patch(p) -> Patch:
+    """The one resolver of patch references: a `Patch` as it is, a local path, or `hf://OWNER/REPO[/PATH][@REV]`
+    (fetched through patchkit.share). Every function that takes a patch turns it into one here."""
     if isinstance(p, Patch):
         return p
     from ..share.sources import resolve_patch  # local paths, and hf:// once the Hub module is present
@@ -282,8 +284,11 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
                 "(--force subtracts its deltas anyway)",
                 tensor=name,
             )
-        if edit.encoding == "replace":
-            raise UnsupportedError(f"tensor {name} is replaced whole by patch {short(p.id)}; without its undo record it cannot be reverted")
+        if edit.encoding in ("replace", "scale"):
+            how = "replaced whole" if edit.encoding == "replace" else "multiplied (a scale edit: its factors round away bits)"
+            raise UnsupportedError(f"tensor {name} is {how} by patch {short(p.id)}; without its undo record it cannot be "
+                                   "reverted (revert where it was applied, or apply the patch to a fresh copy of the base)",
+                                   tensor=name)
         new = sub_delta(current, edit.deltas(), edit.dtype)
         if rows_hash(new) != edit.base_sha256:
             plan.exact = False
