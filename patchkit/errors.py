@@ -6,6 +6,8 @@ expected and what was found) and a message that says what to do next.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class PatchkitError(Exception):
     """Base class. `exit_code` is what the command line exits with."""
@@ -49,7 +51,15 @@ class StateError(PatchkitError):
 
 
 class OutputExistsError(PatchkitError):
+    """An output file or folder that exists already, and no --overwrite."""
+
     exit_code = 7
+
+    @classmethod
+    def check(cls, path, overwrite: bool = False) -> None:
+        """The one check before writing an output: raise unless `path` is free or may be replaced."""
+        if not overwrite and Path(path).exists():
+            raise cls(f"output {path} already exists (use --overwrite to replace it)", path=Path(path))
 
 
 class LockedError(PatchkitError):

@@ -106,7 +106,8 @@ def test_core_imports_without_torch(module):
 # The subpackages themselves, the numpy side of the method and the Hub modules load nothing heavy
 # either: huggingface_hub only inside the functions that talk to the Hub.
 LIGHT = ["patchkit", "patchkit.method", "patchkit.evaluation", "patchkit.share", "patchkit.cli",
-         "patchkit.method.compute", "patchkit.method.select"] + \
+         "patchkit.method.compute", "patchkit.method.select", "patchkit.core.choices", "patchkit.method.choices",
+         "patchkit.evaluation.choices", "patchkit.evaluation.settings"] + \
         sorted(n for n in MODULES if n.startswith("patchkit.share."))
 
 
@@ -137,7 +138,10 @@ LAYERS = {
     "share": ({"share", "core", "errors"}, set()),
     "method": ({"method", "core", "share", "errors"}, set()),
     "evaluation": ({"evaluation", "method", "core", "share", "errors"}, set()),
-    "cli": ({"cli", "errors"}, {"core", "method", "evaluation", "share"}),
+    # the command reads only its options' enums and eval/tune's settings at import (standard library
+    # only), the rest inside the command functions
+    "cli": ({"cli", "errors", "core.choices", "method.choices", "evaluation.choices", "share.choices", "evaluation.settings"},
+            {"core", "method", "evaluation", "share"}),
 }
 
 # Function-local imports against LAYERS that are allowed, each with its reason: a list to shrink,
@@ -241,4 +245,69 @@ def private_uses(name: str) -> list[str]:
 
 def test_no_module_uses_another_modules_private_names():
     bad = [use for name in MODULES for use in private_uses(name)]
+    assert not bad, bad
+
+
+def test_the_command_imports_no_numpy():
+    """`run` sets OPENBLAS_NUM_THREADS for the element-wise commands before numpy is first imported:
+    importing patchkit.cli (as the console script and `python -m patchkit` do) must not import it."""
+    assert_imports_without("patchkit.cli", ("numpy",))
+
+
+# ---- one of each ------------------------------------------------------------------------------------
+def calls_of(attr: str, owner: str | None = None) -> list[str]:
+    """Where `owner.attr(...)` (or, without owner, a bare `attr(...)`) is called in patchkit, as module:function."""
+    found = []
+    for name, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                if owner is None and isinstance(f, ast.Name) and f.id == attr:
+                    found.append(f"{name}:{fn.name}")
+                elif owner is not None and isinstance(f, ast.Attribute) and f.attr == attr \
+                        and isinstance(f.value, ast.Name) and f.value.id == owner:
+                    found.append(f"{name}:{fn.name}")
+    return sorted(set(found))
+
+
+def test_one_model_loader():
+    """Every causal LM patchkit runs (probe, eval, tune, self-labelling, the embedded models) is loaded by one function."""
+    assert calls_of("from_pretrained", "AutoModelForCausalLM") == ["patchkit.method.pipeline:load_model"]
+
+
+def test_one_patch_resolver():
+    """A patch reference (a Patch, a path, hf://...) becomes a Patch in one function, core.plan.load_patch:
+    no other function resolves a reference and loads it itself."""
+    both = set(calls_of("load", "Patch")) & set(calls_of("resolve_patch"))
+    assert both == {"patchkit.core.plan:load_patch"}
+
+
+def test_one_capability_meter():
+    """Perplexity and KL on benign text are measured in one place (eval reports what tune budgets)."""
+    users = {f for name in ("token_nll", "kl_sum") for f in calls_of(name) + calls_of(name, "J")}
+    assert {u.partition(":")[0] for u in users} == {"patchkit.evaluation.capability"}
+
+
+def test_one_output_exists_check():
+    """Outside core (whose writers keep their own messages for now), an output is checked by OutputExistsError.check."""
+    raising = [f"{name}:{node.lineno}" for name, path in MODULES.items() if not name.startswith("patchkit.core")
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name)
+               and node.exc.func.id == "OutputExistsError"]
+    assert not raising, raising
+    checks = set(calls_of("check", "OutputExistsError"))
+    assert {"patchkit.cli.core:diff", "patchkit.cli.method:compute", "patchkit.evaluation.tune:tune",
+            "patchkit.evaluation.evaluate:attach_evaluation", "patchkit.share.export:export_peft"} <= checks, checks
+
+
+def test_one_model_reference_parser():
+    """No module splits a model reference at '@' by hand: share.hub parses it (for share.sources.parse_model)."""
+    bad = [f"{name}:{node.lineno}" for name, path in MODULES.items() if name != "patchkit.share.hub"
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("split", "partition")
+           and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "@"]
     assert not bad, bad

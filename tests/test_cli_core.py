@@ -201,3 +201,24 @@ def test_console_entry_keeps_openblas_off_the_cores_for_numpy_only_commands(tmp_
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"OPENBLAS {expected}" in r.stdout.splitlines()
+
+
+def test_one_output_exists_check_for_every_writer(tmp_path, copy_ckpt, cli_runner):
+    from patchkit.errors import OutputExistsError
+
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError) as e:
+        OutputExistsError.check(taken)
+    assert e.value.path == taken and e.value.exit_code == 7
+    assert str(e.value) == f"output {taken} already exists (use --overwrite to replace it)"
+    OutputExistsError.check(taken, overwrite=True)
+    OutputExistsError.check(tmp_path / "free")
+    base = copy_ckpt("bf16", True)
+    p = build_patch(base, seed=3).save(tmp_path / "p.safetensors")
+    for args in (["merge", p, "-o", taken], ["export", p, "--to", "peft", "-o", taken], ["diff", base, base, "-o", taken],
+                 ["probe", base, "--data", "builtin:toxicity", "-o", taken], ["compute", base, "--probe", p, "-o", taken],
+                 ["tune", base, "--probe", p, "-o", taken, "--max-kl", "0.1"]):
+        r = cli_runner(*args)
+        assert r.exit_code == 7 and f"output {taken} already exists (use --overwrite to replace it)" in r.output, (args, r.output)
+    assert taken.read_bytes() == b"keep me"

@@ -197,3 +197,34 @@ def test_edit_norm_ratio_averages_over_edited_rows_for_layer_matched(copy_ckpt):
     rnorm = sum(np.linalg.norm(tensors[name][e.rows].double().numpy(), axis=1).sum() for name, e in patch.edits.items()) / n
     assert len({round(float(np.linalg.norm(e.direction)), 3) for e in patch.edits.values()}) > 1  # really per-layer
     assert patch.provenance["params"]["edit_norm_ratio"] == pytest.approx(0.5 * dnorm / rnorm, rel=1e-6)
+
+
+def test_cli_compute_damping_matches_the_library_and_damps_up_proj_rows(copy_ckpt, tmp_path):
+    """`compute --method damping --data D --fraction F` writes damping_patch(checkpoint, data=D, fraction=F)."""
+    from patchkit.core.patchfile import Patch
+    from patchkit.method.damping import damping_patch
+    from patchkit.method.pipeline import load_data
+
+    base = copy_ckpt("bf16", False)
+    data = tmp_path / "d.jsonl"
+    bad = [f"{a} {b}" for a in ("hate", "cruel", "awful", "hurt") for b in ("people", "the group", "dogs")]
+    good = [f"{a} {b}" for a in ("love", "kind", "nice", "help") for b in ("people", "the group", "dogs")]
+    data.write_text("".join(json.dumps({"text": t, "label": int(t in bad)}) + "\n" for t in bad + good))
+    out = tmp_path / "damp.safetensors"
+    run = CliRunner()
+    r = run.invoke(cli, ["compute", str(base), "--method", "damping", "--data", str(data), "--fraction", "0.25", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    patch = Patch.load(out)
+    assert patch.id == got["id"] and patch.provenance["method"] == "damping" and patch.provenance["params"]["fraction"] == 0.25
+    assert patch.id == damping_patch(base, data=load_data(str(data)), fraction=0.25).id  # the command adds nothing of its own
+    assert set(patch.edits) and all(n.endswith("mlp.up_proj.weight") and e.encoding == "scale" for n, e in patch.edits.items())
+    total = sum(Checkpoint(base).info(n).n_rows for n in Checkpoint(base).tensors if n.endswith("mlp.up_proj.weight"))
+    assert 0 < patch.rows <= round(0.25 * total)
+    assert sum(got["neurons"].values()) == patch.rows
+    # usage errors: one line, exit 2, nothing written; an existing output is kept
+    r = run.invoke(cli, ["compute", str(base), "--method", "damping", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--method damping needs --data" in r.output and not (tmp_path / "x.safetensors").exists()
+    before = out.read_bytes()
+    r = run.invoke(cli, ["compute", str(base), "--method", "damping", "--data", str(data), "-o", str(out)])
+    assert r.exit_code == 7 and f"output {out} already exists" in r.output and out.read_bytes() == before

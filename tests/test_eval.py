@@ -370,3 +370,28 @@ def test_cli_eval_json_report_and_attach(tiny, tmp_path):
     assert again.exit_code != 0 and "already exists" in again.output and "Traceback" not in again.output
     bad = CliRunner().invoke(cli, ["eval", str(tiny["ckpt"]), "--patch", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code != 0 and "does not exist" in bad.output
+
+
+def test_perplexity_of_the_capability_meter():
+    import math
+
+    from patchkit.evaluation.capability import perplexity
+
+    assert perplexity(0.0, 0) is None
+    assert perplexity(2.0, 2) == pytest.approx(math.e)
+    assert perplexity(1e6, 1) == math.inf  # past a float: over any budget, not an OverflowError
+    assert perplexity(float("nan"), 3) == math.inf  # a broken model is over any budget
+
+
+def test_the_capability_meter_is_what_eval_reports(tiny):
+    """eval's capability numbers are the meter's: the base has KL 0, a patch its own perplexity and KL."""
+    from patchkit.evaluation.capability import CapabilityMeter
+    from patchkit.method.pipeline import load_model
+
+    texts = ["a kind word for people", "the group helps now", "love the dog"]
+    r = evaluate(tiny["ckpt"], [tiny["patch"]], prompts=["hello"], benign=texts, samples=0, max_new_tokens=2, batch_size=2)
+    model, tok = load_model(tiny["ckpt"], torch.bfloat16)
+    meter = CapabilityMeter(model, tok, texts, 2)
+    assert r.conditions[0].capability == meter.base and meter.base["kl"] == 0.0 and meter.tokens > 0
+    patched = meter.measure(Patch.load(tiny["patch"]))
+    assert r.conditions[1].capability == patched and patched["kl"] > 0 and patched["perplexity"] != meter.base_perplexity

@@ -1,12 +1,16 @@
 """The `patchkit` command: thin click commands that parse, call the library, and print.
 
 This module assembles the group from the command modules (core, method, eval, share: each a
-list COMMANDS), and holds the one error table (`PatchkitGroup.invoke`): errors are turned into one
-line and an exit code there and nowhere else; set PATCHKIT_DEBUG=1 to see the traceback instead.
+list COMMANDS), and holds the one error table (`PatchkitGroup.invoke`): the library raises the typed
+errors of patchkit.errors, and they are turned into one line and their exit code there and nowhere
+else (a command's own usage error is a `CommandFailed`, exit 2); set PATCHKIT_DEBUG=1 to see the
+traceback instead.
 `run` is the console script's entry point and `python -m patchkit`'s.
 
 The commands may import anything in patchkit, inside the command functions, so that `--help` and
-the fast commands load only what they use; nothing outside patchkit.cli imports it.
+the fast commands load only what they use; at module level they read only the options' enums (the
+`choices.py` modules) and eval/tune's `RunSettings`, standard library all. Nothing outside
+patchkit.cli imports it.
 """
 
 from __future__ import annotations

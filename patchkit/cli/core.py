@@ -1,7 +1,7 @@
 """The commands on checkpoints and patch files: inspect, apply, revert, status, diff, merge.
 
-They read and write local files through patchkit.core (a Hub reference is resolved through
-patchkit.share first).
+They read and write local files through patchkit.core (a patch reference becomes a Patch with
+core.plan.load_patch, a Hub model a local snapshot with method.pipeline.resolve_model).
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import json
 
 import click
 
-from ._common import CommandFailed, emit, fmt_bytes, json_option, short
+from ..core.choices import OnOverlap
+from ._common import CommandFailed, choice, emit, fmt_bytes, json_option, short
 
 @click.command()
 @click.argument("patch")
 @json_option
 def inspect(patch, as_json):
     """Show what PATCH edits, how big it is, which base it is for, and how it was made."""
-    from ..core.patchfile import Patch
-    from ..share.sources import resolve_patch
+    from ..core.plan import load_patch
 
-    s = Patch.load(resolve_patch(patch)).summary()
+    s = load_patch(patch).summary()
 
     def human(s):
         click.echo(f"patch      {s['id']}")
@@ -42,17 +42,21 @@ def inspect(patch, as_json):
     emit(as_json, s, human)
 
 
-def _local_checkpoint(ref: str, in_place: bool) -> str:
-    """A Hub model id becomes its downloaded snapshot, which is only ever read (write with -o)."""
-    from pathlib import Path
+def _local_checkpoint(ref: str, in_place: bool) -> tuple[str, str | None, str | None]:
+    """(folder, Hub repo id, commit): a Hub model becomes its downloaded snapshot, which is only ever
+    read (write with -o); a folder stays as it is."""
+    import os
 
-    from ..share.sources import HUB_ID, resolve_model
+    if os.path.exists(ref):  # the common case, without loading the model-reference modules (a few ms)
+        return ref, None, None
+    from ..method.pipeline import is_hub_id, resolve_model
 
-    if Path(ref).exists() or not HUB_ID.match(ref):
-        return ref
+    if not is_hub_id(ref):
+        return ref, None, None
     if in_place:
         raise CommandFailed(f"{ref} is a Hub model id: write the result with -o, not --in-place", 2)
-    return str(resolve_model(ref))
+    path, repo_id, revision = resolve_model(ref)
+    return str(path), repo_id, revision
 
 
 def _weights(weights: str | None) -> list[float] | None:
@@ -106,7 +110,7 @@ def _report_write(verb):
 @click.argument("checkpoint", type=click.Path())
 @_write_options
 @click.option("--link", is_flag=True, help="With -o: hard-link untouched shards instead of copying them.")
-@click.option("--on-overlap", type=click.Choice(["sum", "error", "last"]),
+@click.option("--on-overlap", type=choice(OnOverlap),
               help="Merge several patches first (as `patchkit merge`) instead of applying them one after another.")
 @click.option("--weights", help="With --on-overlap: comma-separated factors, one per patch.")
 @click.option("--push", "push_repo", metavar="REPO_ID",
@@ -120,20 +124,13 @@ def apply(patches, checkpoint, output, in_place, force, overwrite, dry_run, fsyn
     if weights and not on_overlap:
         raise CommandFailed("--weights goes with --on-overlap", 2)
     ws = _weights(weights)
-    base_ref = checkpoint
-    checkpoint = _local_checkpoint(checkpoint, in_place)
+    checkpoint, repo_id, revision = _local_checkpoint(checkpoint, in_place)
     r = ops.apply(list(patches), checkpoint, output, in_place=in_place, force=force, link=link, overwrite=overwrite, dry_run=dry_run,
                   fsync=fsync, on_overlap=on_overlap, weights=ws)
     if push_repo and not dry_run:
-        from pathlib import Path
-
         from ..share.push import push_checkpoint
-        from ..share.sources import HUB_ID, resolve_patch
 
-        remote = not Path(base_ref).exists() and HUB_ID.match(base_ref)
-        r["push"] = push_checkpoint(r["output"], push_repo, patches=[resolve_patch(p) for p in patches],
-                                    base_model=base_ref.split("@")[0] if remote else None,
-                                    base_revision=Path(checkpoint).name if remote else None)
+        r["push"] = push_checkpoint(r["output"], push_repo, patches=list(patches), base_model=repo_id, base_revision=revision)
     emit(as_json, r, _report_write("apply"))
 
 
@@ -188,13 +185,10 @@ def status(checkpoint, wait, as_json):
 @json_option
 def diff(base, edited, output, max_changed, full, overwrite, description, as_json):
     """Make a patch that turns checkpoint BASE into checkpoint EDITED."""
-    from pathlib import Path
-
     from ..core.diff import diff as run_diff
     from ..errors import OutputExistsError
 
-    if Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    OutputExistsError.check(output, overwrite)
     patch = run_diff(base, edited, output, max_changed=max_changed, full=full, description=description)
     s = patch.summary()
     r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"]}
@@ -206,7 +200,7 @@ def diff(base, edited, output, max_changed, full, overwrite, description, as_jso
 @click.argument("patches", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the merged patch.")
 @click.option("--weights", help="Comma-separated factors, one per patch (default: all 1).")
-@click.option("--on-overlap", type=click.Choice(["sum", "error", "last"]), default="sum", show_default=True,
+@click.option("--on-overlap", type=choice(OnOverlap), default="sum", show_default=True,
               help="Rows edited by several patches: add the weighted deltas, refuse, or keep the last patch's edit.")
 @click.option("--base", "base", type=click.Path(), help="The checkpoint the patches were made for: checks them exactly; "
               "needed when they edit different rows of one tensor.")
@@ -216,14 +210,11 @@ def diff(base, edited, output, max_changed, full, overwrite, description, as_jso
 @json_option
 def merge(patches, output, weights, on_overlap, base, allow_different_base, description, overwrite, as_json):
     """Combine PATCHES made for one base into one patch (parents before their children)."""
-    from pathlib import Path
-
     from ..core.merge import merge as run_merge
     from ..errors import OutputExistsError
 
     ws = _weights(weights)
-    if Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    OutputExistsError.check(output, overwrite)
     patch = run_merge(list(patches), output, weights=ws, on_overlap=on_overlap, base=base,
                       allow_different_base=allow_different_base, description=description)
     s = patch.summary()

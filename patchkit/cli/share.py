@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit, json_option, short
+from ..share.choices import AdapterFormat
+from ._common import choice, emit, json_option, short
 
 @click.command()
 @click.argument("patch")
-@click.option("--to", "fmt", type=click.Choice(["peft"]), required=True, help="Adapter format to write.")
+@click.option("--to", "fmt", type=choice(AdapterFormat), required=True, help="Adapter format to write.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="The adapter folder to create.")
 @click.option("--rank", type=click.IntRange(1), help="Truncate dense deltas to this rank (the error is reported).")
 @click.option("--skip-unsupported", is_flag=True, help="Leave out tensors LoRA cannot express, and list them.")
@@ -19,13 +20,10 @@ from ._common import emit, json_option, short
 @json_option
 def export(patch, fmt, output, rank, skip_unsupported, base_model, overwrite, as_json):
     """Write PATCH as an adapter another library loads: --to peft makes a LoRA adapter folder."""
-    from pathlib import Path
-
     from ..errors import OutputExistsError
     from ..share.export import export_peft
 
-    if Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    OutputExistsError.check(output, overwrite)
     r = export_peft(patch, output, rank=rank, skip_unsupported=skip_unsupported, base_model=base_model, overwrite=overwrite)
 
     def human(r):

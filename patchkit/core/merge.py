@@ -18,9 +18,11 @@ import numpy as np
 
 from ..errors import BaseMismatchError, MergeError, NonFiniteError
 from .checkpoint import Checkpoint
+from .choices import OnOverlap
 from .patchfile import Patch, TensorEdit, factorize, n_rows_cols, rows_hash
+from .plan import load_patch
 
-POLICIES = ("sum", "error", "last")
+POLICIES = tuple(m.value for m in OnOverlap)
 
 
 
@@ -202,14 +204,6 @@ def to_edit(c: Combined, base_sha256: str, base_raw: np.ndarray | None = None) -
 
 
 # ---- whole patches ---------------------------------------------------------------------------------
-def _load(p) -> Patch:
-    if isinstance(p, Patch):
-        return p
-    from ..share.sources import resolve_patch
-
-    return Patch.load(resolve_patch(str(p)))
-
-
 def _ancestors(patches: list[Patch]) -> list[set[int]]:
     """For each part, the earlier parts it was made on top of (transitively); refuses a child listed first."""
     ids = [p.id for p in patches]
@@ -234,7 +228,7 @@ def _common(values: list) -> object:
 def merge_patches(patches, *, weights=None, on_overlap: str = "sum", base=None,
                   allow_different_base: bool = False, description: str | None = None) -> Patch:
     """Merge patches made for one base into one patch (see docs/merge.md for every rule)."""
-    patches = [_load(p) for p in patches]
+    patches = [load_patch(p) for p in patches]
     if not patches:
         raise MergeError("give at least one patch to merge")
     ids = [p.id for p in patches]

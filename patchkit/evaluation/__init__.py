@@ -6,8 +6,9 @@ controls of the same size (controls), the comparisons with the base and the cont
 (comparisons) and their statistics in numpy (stats), probe data the model writes and a judge
 labels (selflabel),
 the judges (judges) and the Jigsaw classifier run in torch (jigsaw), reading its pickled
-vocabulary without executing it (safepickle), the search for K and alpha within a capability budget (tune), the tables
-and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,
+vocabulary without executing it (safepickle), perplexity and KL on benign text (capability), the
+search for K and alpha within a capability budget (tune), the settings eval and tune share
+(settings), the option values as enums (choices), the tables and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,
 patchkit.share and torch/transformers; nothing imports it but patchkit.cli (and the top-level
 `patchkit.evaluate`). `evaluate` and `tune`, the functions, are `patchkit.evaluate` and
 `patchkit.evaluation.tune.tune`: here the names are the modules'.

@@ -10,7 +10,6 @@ the edit. See docs/eval.md for what each number means and its limits.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -22,11 +21,13 @@ import numpy as np
 import torch
 
 from ..core.patchfile import Patch
+from ..core.plan import load_patch
 from ..errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from . import judges as J
+from .capability import CapabilityMeter
 from .comparisons import compare_conditions, condition_metrics, judge_quality, per_prompt  # noqa: F401
 from .controls import edit_norm, make_controls, rows_intact  # noqa: F401 (re-exported)
-from .inmemory import apply_in_memory, patched, revert_in_memory
+from .inmemory import patched
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
     kl_sum,
@@ -137,12 +138,12 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
              control_samples: bool = False,
              limit: int | None = None, benign_limit: int | None = 32, judge_label: str | None = None,
              judge_check: str | None = None, force_judge: bool = False, chat: bool | None = None, n_boot: int = 4000,
-             alpha: float = 0.05, log: Callable[[str], None] | None = None) -> EvalResult:
-    """Evaluate ``patches`` on the model at ``model_path`` (a folder, Hub id or ``embedded``); see the module doc."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+             alpha: float = 0.05, device_map: str | None = None, max_memory: str | None = None,
+             log: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate ``patches`` (each a Patch, a path or ``hf://``) on the model at ``model_path`` (a folder, Hub id
+    or ``embedded``); see the module doc. ``device_map`` and ``max_memory`` go to ``pipeline.load_model``."""
     from ..core.checkpoint import Checkpoint
-    from ..method.pipeline import resolve_model_arg
+    from ..method.pipeline import load_model, resolve_model
 
     say = log or (lambda _m: None)
     t_start = time.monotonic()
@@ -150,9 +151,9 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         samples, greedy = 0, True
     if not greedy and samples < 1:
         raise DataError("nothing to generate: ask for greedy continuations or samples")
-    path = resolve_model_arg(str(model_path))
+    path = resolve_model(model_path).path
     fingerprint = Checkpoint(path).fingerprint()
-    loaded = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
+    loaded = [load_patch(p) for p in patches]
     ids = [p.id for p in loaded]
     if len(set(ids)) != len(ids):
         raise DataError("the same patch is given twice")
@@ -178,8 +179,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         benign_list = list(benign or [])[:benign_limit]
         benign_src = {"source": "given", "n": len(benign_list)}
     qa_rows = load_qa(qa) if qa else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[next(iter(dtypes))]).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    model, tok = load_model(path, TORCH_DTYPES[next(iter(dtypes))], device_map=device_map, max_memory=max_memory)
     use_chat = chat if chat is not None else any(j.kind == "refusal" for j in judge_objs) and bool(getattr(tok, "chat_template", None))
 
     conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
@@ -269,31 +269,11 @@ def _judge_view(model, judge_objs):
         yield
 
 
-def _capability(model, tok, texts: list[str], conds, batch_size: int, max_length: int = 128) -> None:
+def _capability(model, tok, texts: list[str], conds, batch_size: int) -> None:
     """Perplexity of each condition on ``texts``, and mean next-token KL(base || condition)."""
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    acc = {c.name: [0.0, 0, 0.0, 0] for c, _ in conds}
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            base_logits = None
-            for c, p in conds:
-                undo = apply_in_memory(model, p) if p is not None else None
-                try:
-                    logits = model(**enc).logits
-                finally:
-                    if undo is not None:
-                        revert_in_memory(model, undo)
-                base_logits = logits if p is None else base_logits
-                s, n = token_nll(logits, enc["input_ids"], enc["attention_mask"])
-                k, m = kl_sum(base_logits, logits, enc["attention_mask"])
-                a = acc[c.name]
-                a[0], a[1], a[2], a[3] = a[0] + s, a[1] + n, a[2] + k, a[3] + m
-    for c, _ in conds:
-        s, n, k, m = acc[c.name]
-        c.capability = {"perplexity": math.exp(s / n) if n else None, "kl": k / m if m else None, "tokens": n, "texts": len(texts)}
+    meter = CapabilityMeter(model, tok, texts, batch_size)
+    for c, p in conds:
+        c.capability = meter.base if p is None else meter.measure(p)
 
 
 # ------------------------------------------------------------------------------------------- attach
@@ -332,8 +312,7 @@ def attach_evaluation(patch_path, result: EvalResult, patch_id: str | None = Non
         raise DataError(f"patch {patch_path} has id {patch.id[:12]}, not {pid[:12]}")
     summary = evaluation_summary(result, patch.id)
     out = Path(output) if output else eval_output(patch_path)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists (use --overwrite to replace it)")
+    OutputExistsError.check(out, overwrite)
     patch.evaluation = json.loads(json.dumps(summary, default=float))
     patch.save(out)
     return patch

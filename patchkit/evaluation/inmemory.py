@@ -79,7 +79,9 @@ def raw_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
 
 def apply_in_memory(target, patch: Patch | str, check: bool = True) -> Undo:
     """Apply `patch` to a model or state dict in place; returns what `revert_in_memory` needs."""
-    patch = patch if isinstance(patch, Patch) else Patch.load(patch)
+    from ..core.plan import load_patch  # a Patch, a path or hf://
+
+    patch = load_patch(patch)
     tensors = state_tensors(target)
     planned = []
     for name in sorted(patch.edits):

@@ -162,10 +162,9 @@ def self_labelled(model_path, rtp: Sequence[str] | None = None, benign: Sequence
             rows = None  # a damaged cache file is a miss
     if rows is None:
         if model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from ..method.pipeline import load_model
 
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
-            tok = AutoTokenizer.from_pretrained(model_path)
+            model, tok = load_model(model_path, dtype=torch.bfloat16)
         rows = generate_rows(model, tok, rtp, benign, judge, settings, log)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps({"format": FORMAT, "key": key, "model": fingerprint, "judge": judge.name,

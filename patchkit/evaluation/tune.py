@@ -17,25 +17,28 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.checkpoint import Checkpoint
+from ..core.choices import values
 from ..core.patchfile import Patch
 from ..errors import DataError, OutputExistsError, ProbeError
 from ..method.compute import target_edit, compute_patch, probe_arrays, rank_rows
-from ..method.pipeline import load_data, resolve_model_arg
+from ..method.pipeline import load_data, load_model, resolve_model
 from ..method.select import paper_k
 from ..method.targets import resolve_targets
 from . import evaluate as E
 from . import judges as J
-from .inmemory import apply_in_memory, patched, revert_in_memory
+from .choices import Goal, Metric
+from .capability import CapabilityMeter
+from .inmemory import patched
 
 DEFAULT_FRACTIONS = (0.01, 16384 / 352256, 0.1)
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0)
-METRICS = ("mean", "rate", "expected_max", "p_any")
+METRICS = tuple(values(Metric))
+GOALS = tuple(values(Goal))
 
 
 class NoFeasiblePointError(DataError):
@@ -155,7 +158,8 @@ class _Search:
 
     def measure(self, k: int, alpha: float, stage: str) -> Point:
         p = self.build(k, alpha)
-        ppl, kl = self.cap.measure(p)
+        m = self.cap.measure(p)
+        ppl, kl = m["perplexity"], m["kl"]
         inc = ppl / self.cap.base_perplexity - 1
         over = _budget_check(inc, kl, self.max_ppl, self.max_kl)
         pt = Point(k, k / self.ranking["total"], alpha, stage, ppl, inc, kl, E.edit_norm(p), not over, over)
@@ -194,11 +198,11 @@ def tune(model, probe, prompts: str | Sequence[str] = "builtin:toxic-prompts", b
          metric: str = "mean", refine: int = 3, seed: int = 0, limit: int | None = 32, benign_limit: int | None = 32,
          max_new_tokens: int = 32, batch_size: int = 16, samples: int = 1, temperature: float = 0.0,
          judge_check: str | None = None, force_judge: bool = False, check_model: bool = True, chat: bool | None = None,
-         description: str | None = None, output=None, overwrite: bool = False, log: Callable[[str], None] | None = None) -> TuneResult:
+         description: str | None = None, output=None, overwrite: bool = False, device_map: str | None = None,
+         max_memory: str | None = None, log: Callable[[str], None] | None = None) -> TuneResult:
     """Search (K, alpha) on ``model`` (a folder, Hub id or ``embedded``); see the module doc. With ``output``, the
-    chosen patch is written there (atomically); NoFeasiblePointError when no point is within budget (nothing written)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    chosen patch is written there (atomically); NoFeasiblePointError when no point is within budget (nothing written).
+    ``device_map`` and ``max_memory`` go to ``pipeline.load_model``."""
     say = log or (lambda _m: None)
     t0 = time.monotonic()
     max_ppl = parse_budget(max_ppl_increase)
@@ -212,16 +216,16 @@ def tune(model, probe, prompts: str | Sequence[str] = "builtin:toxic-prompts", b
     alphas = sorted({float(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS)})
     if not alphas or any(a == 0 or not math.isfinite(a) for a in alphas):
         raise DataError("alphas must be finite and non-zero")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)")
+    if output is not None:
+        OutputExistsError.check(output, overwrite)
 
-    path = resolve_model_arg(str(model))
+    path = resolve_model(model).path
     ck = Checkpoint(path)
     fingerprint = ck.fingerprint()
     parr = probe_arrays(probe)
     j = judge if isinstance(judge, J.Judge) else J.make_judge(judge, model_fingerprint=fingerprint, force=force_judge)
     goal = goal or ("higher" if j.kind == "refusal" else "lower")
-    if goal not in ("lower", "higher"):
+    if goal not in GOALS:
         raise DataError(f"goal must be lower or higher, not {goal!r}")
     pinfo = {"data_sha256": parr.info.get("data_hash"), "model_fingerprint": parr.info.get("model_fingerprint"), "layer": parr.info.get("layer")}
     if J.self_judging(j, {"probe": pinfo}) and not force_judge:
@@ -243,10 +247,13 @@ def tune(model, probe, prompts: str | Sequence[str] = "builtin:toxic-prompts", b
 
     ranking = rank_rows(ck, parr, ks[-1], check_model=check_model)  # once, at the largest K
     say(f"ranked {ranking['total']} {ranking['family']} rows once; K in {ks}, alpha in {alphas}")
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=E.TORCH_DTYPES.get(E.config_dtype(path), torch.float32)).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    net, tok = load_model(path, E.TORCH_DTYPES.get(E.config_dtype(path), torch.float32), device_map=device_map,
+                          max_memory=max_memory)
     use_chat = chat if chat is not None else j.kind == "refusal" and bool(getattr(tok, "chat_template", None))
-    search = _Search(ck, parr, ranking, _Capability(net, tok, benign_list, batch_size), max_ppl, max_kl, say)
+    meter = CapabilityMeter(net, tok, benign_list, batch_size)
+    if not meter.tokens:
+        raise DataError("the benign text has no tokens to predict; give longer texts")
+    search = _Search(ck, parr, ranking, meter, max_ppl, max_kl, say)
     for k in ks:
         for a in alphas:
             search.measure(k, a, "grid")
@@ -314,49 +321,6 @@ def _plain(obj):
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return int(obj) if isinstance(obj, np.integer) else obj
-
-
-class _Capability:
-    """Perplexity and mean next-token KL(base || patched) on benign text, as `patchkit eval` measures
-    them (same tokenisation and batches); the base logits are computed once per batch and kept."""
-
-    def __init__(self, model, tok, texts: list[str], batch_size: int, max_length: int = 128, keep_bytes: int = 1 << 30):
-        tok.padding_side = "right"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        self.model, self.batches, self.base_logits = model, [], []
-        nll, n, kept = 0.0, 0, 0
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-                logits = model(**enc).logits
-                s, m = J.token_nll(logits, enc["input_ids"], enc["attention_mask"])
-                nll, n = nll + s, n + m
-                kept += logits.numel() * logits.element_size()
-                self.batches.append(enc)
-                self.base_logits.append(logits if kept <= keep_bytes else None)
-        if not n:
-            raise DataError("the benign text has no tokens to predict; give longer texts")
-        self.base_perplexity = _exp(nll / n)
-
-    def measure(self, patch: Patch) -> tuple[float, float]:
-        nll, n, kl, m = 0.0, 0, 0.0, 0
-        with torch.no_grad():
-            for enc, base in zip(self.batches, self.base_logits):
-                base = base if base is not None else self.model(**enc).logits
-                undo = apply_in_memory(self.model, patch)
-                try:
-                    logits = self.model(**enc).logits
-                finally:
-                    revert_in_memory(self.model, undo)
-                s, c = J.token_nll(logits, enc["input_ids"], enc["attention_mask"])
-                k, c2 = J.kl_sum(base, logits, enc["attention_mask"])
-                nll, n, kl, m = nll + s, n + c, kl + k, m + c2
-        return _exp(nll / n), kl / m
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf  # NaN stays NaN (over any budget)
 
 
 def _budget_text(max_ppl: float | None, max_kl: float | None) -> str:

@@ -31,9 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.choices import values
 from ..errors import DataError, UnsupportedError
+from .choices import Pool
 
-POOLS = ("mean", "last")
+POOLS = tuple(values(Pool))
 DEFAULT_MAX_LENGTH = 256
 
 

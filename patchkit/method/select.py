@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import re
-from enum import Enum
 from typing import Any, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
 from ..errors import DataError, UnsupportedError
+from .choices import Strategy
 
 PAPER_K = 16384
 PAPER_ROWS = 352256  # 32 layers x 11008 gate_proj rows of the paper's model
@@ -38,13 +38,6 @@ PAPER_FRACTION = PAPER_K / PAPER_ROWS
 Array = Any  # a numpy array or a torch tensor
 Targets = Union[Mapping[str, "Array | int"], Iterable[tuple[str, "Array | int"]]]
 Directions = Union[Array, Mapping[str, Array]]
-
-
-class Strategy(str, Enum):
-    PAPER = "paper"
-    LAYER_MATCHED = "layer-matched"
-    RANDOM_ROWS = "random-rows"
-    RANDOM_DIRECTION = "random-direction"
 
 
 def paper_k(total_rows: int, fraction: float = PAPER_FRACTION) -> int:

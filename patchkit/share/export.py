@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.fsutil import staged_folder
-from ..core.patchfile import Patch, TensorEdit
+from ..core.patchfile import TensorEdit
+from ..core.plan import load_patch
 from ..core.stfile import serialize
 from ..errors import OutputExistsError, PatchkitError, UnsupportedError
 
@@ -116,13 +117,9 @@ def _lora_factors(edit: TensorEdit, rank: int | None) -> tuple[np.ndarray, np.nd
 def export_peft(patch, output, *, rank: int | None = None, skip_unsupported: bool = False,
                 base_model: str | None = None, task_type: str = "CAUSAL_LM", overwrite: bool = False) -> dict:
     """Write `patch` as a PEFT LoRA adapter folder `output`; returns what was written and how exact it is."""
-    if not isinstance(patch, Patch):
-        from .sources import resolve_patch
-
-        patch = Patch.load(resolve_patch(str(patch)))
+    patch = load_patch(patch)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists (use --overwrite to replace it)", path=output)
+    OutputExistsError.check(output, overwrite)
     if not output.parent.exists():
         raise PatchkitError(f"the folder {output.parent} for the output does not exist")
     if rank is not None and rank < 1:

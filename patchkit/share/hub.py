@@ -2,12 +2,13 @@
 
 `patchkit.share.download` reads from the Hub and `patchkit.share.push` writes to it, both through
 what is here, always with the `huggingface_hub` client (the usual HF cache, `HF_HUB_OFFLINE`,
-`HF_TOKEN`). Those three and `patchkit.share.sources` are the only modules of patchkit that reach
-the network.
+`HF_TOKEN`). Only modules of patchkit.share reach the network (`tests/test_boundaries.py` checks
+that nothing else imports huggingface_hub); the rest of patchkit gets remote patches and models
+through `patchkit.share.sources`.
 
-References:
+References (parsed here; `patchkit.share.sources.parse_model` tells a model reference from a folder):
 - patch:  `hf://OWNER/REPO[/PATH][@REVISION]` (PATH defaults to the repo's only patchkit patch)
-- model:  `OWNER/NAME[@REVISION]`
+- model:  `OWNER/NAME[@REVISION]` or `hf://OWNER/NAME[@REVISION]`
 
 Environment (read at each call, so that a changed environment is honoured inside one process):
 `HF_ENDPOINT`, `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN` (through the client).

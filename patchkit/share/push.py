@@ -16,6 +16,7 @@ from typing import Iterator
 
 from ..core.fsutil import sha256_file
 from ..core.patchfile import Patch
+from ..core.plan import load_patch
 from ..errors import CheckpointError, HubError
 from .hub import check_repo_id, endpoint, hub_api, hub_error, is_hub_exception, location, offline, reachable
 
@@ -146,7 +147,7 @@ def push_checkpoint(checkpoint, repo_id: str, patches=(), revision: str | None =
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    patches = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
+    patches = [load_patch(p) for p in patches]
     local = [f for f in _checkpoint_files(folder) if f != "README.md"]
     if include is not None:
         local = [f for f in local if any(fnmatch.fnmatch(f, pat) for pat in include)]
