@@ -556,3 +556,19 @@ def test_compute_on_a_hub_model_fetches_only_the_target_shards(hub, tmp_path, mo
     r = run.invoke(cli, ["compute", "me/sharded", "--probe", str(tmp_path / "q.safetensors"), "-o", str(tmp_path / "z.safetensors"),
                          "--any-probe"])
     assert r.exit_code == 0, r.output
+
+
+def test_card_names_the_format_rank_exceptions_and_scale_edits():
+    import numpy as np
+
+    from patchkit.core.patchfile import Patch, make_edit
+
+    old = (np.arange(24, dtype="<u2").reshape(4, 6) + 0x3F80).astype("<u2").view(np.uint8)
+    low = make_edit("model.layers.0.mlp.down_proj.weight", (4, 6), "BF16", np.arange(4), old,
+                    u=np.ones((4, 2), np.float32), v=np.full((2, 6), 0.125, np.float32),
+                    exceptions=(np.array([3], np.int64), np.array([0x3F80], "<u2")))
+    sc = make_edit("model.layers.0.mlp.up_proj.weight", (4, 6), "BF16", np.arange(4), old, gamma=np.array([0.5], np.float32))
+    text = render_card(Patch(edits={low.name: low, sc.name: sc}, provenance={"method": "test"}))
+    assert "| lowrank r2 +1 exceptions | BF16 |" in text and "| scale | BF16 |" in text
+    assert "file format: `patchkit.patch v1.2`" in text  # the two edits share their rows array
+    assert "cannot be reverted from a checkpoint patched elsewhere" in text

@@ -125,6 +125,8 @@ def render_card(
     if patch.parents:
         parts.append(f"- parents: {', '.join(f'`{p[:12]}`' for p in patch.parents)}")
     parts.append(f"- patch id (sha256 of the content): `{pid}`")
+    parts.append(f"- file format: `{patch.summary()['format']}` (docs/format.md; a patchkit that reads an older "
+                 "version refuses it and asks for an upgrade)")
     parts += ["", "## Base model", ""]
     base_rows = [
         ("model", patch.base_model or "(not recorded)"),
@@ -137,7 +139,8 @@ def render_card(
     names = sorted(patch.edits)
     for name in names[:MAX_TENSOR_LINES]:
         e = patch.edits[name]
-        parts.append(f"| `{name}` | {e.n_rows} | {n_rows_cols(e.shape)[0]} | {e.encoding} | {e.dtype} | {list(e.shape)} |")
+        enc = e.encoding + (f" r{e.rank}" if e.encoding == "lowrank" else "") + (f" +{e.n_exceptions} exceptions" if e.n_exceptions else "")
+        parts.append(f"| `{name}` | {e.n_rows} | {n_rows_cols(e.shape)[0]} | {enc} | {e.dtype} | {list(e.shape)} |")
     if len(names) > MAX_TENSOR_LINES:
         parts.append(f"| ... {len(names) - MAX_TENSOR_LINES} more | | | | | |")
     parts.append("")
@@ -145,6 +148,9 @@ def render_card(
         "Each touched tensor's rows are fingerprinted (sha256 of their bytes before and after): `patchkit apply` "
         "refuses a checkpoint whose rows differ from this base unless given `--force`."
     )
+    if any(e.encoding == "scale" for e in patch.edits.values()):
+        parts += ["", "Its `scale` edits multiply rows: they are reverted exactly from the undo record `patchkit apply` "
+                  "keeps in the checkpoint, and cannot be reverted from a checkpoint patched elsewhere."]
     parts.append("")
     if patch.evaluation:
         parts += ["## Evaluation", "", "Stored in the patch when it was made:", "",
