@@ -8,6 +8,8 @@ every tensor bit for bit; and the checkpoint the offloaded weights are read from
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import helpers
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ def assert_bitequal(a: dict, b: dict) -> None:
 def test_offloaded_model_gives_the_same_features_and_generations(ckpts):
     path = ckpts[("bf16", True)]
     whole, tok = load_model(path)
-    small, _ = load_model(path, device_map="auto", max_memory="60KB")
+    small, _ = load_model(path, torch.float32, device_map="auto", max_memory="60KB")
     assert "disk" in small.hf_device_map.values()
     assert "model.layers.1.mlp.gate_proj.weight" in on_disk(small) and "lm_head.weight" in on_disk(small)
     for layer in (-1, 1):
@@ -183,3 +185,41 @@ def test_moe_experts_offloaded_to_a_folder(tmp_path):
         assert not torch.equal(base_logits, expected(IDS).logits)
         assert torch.equal(model(IDS).logits, base_logits)
     assert_bitequal(weights(model), original)
+
+
+def test_a_model_wholly_on_disk_gives_the_same_features(ckpts):
+    """Even the embeddings offloaded: the inputs go to accelerate's execution device, not to meta."""
+    path = ckpts[("bf16", True)]
+    whole, tok = load_model(path)
+    disk, _ = load_model(path, torch.float32, device_map={"": "disk"})
+    assert "model.embed_tokens.weight" in on_disk(disk)
+    assert torch.equal(extract_features(disk, tok, TEXTS, layer=1, batch_size=2, progress=False),
+                       extract_features(whole, tok, TEXTS, layer=1, batch_size=2, progress=False))
+
+
+def test_load_model_placed_keeps_the_checkpoint_dtype_and_cleans_its_offload_folder(tmp_path):
+    import gc
+    import glob
+    import tempfile
+
+    from transformers import MixtralConfig
+
+    from patchkit.evaluation.evaluate import float32_view
+    from patchkit.method.pipeline import memory_budget
+
+    assert memory_budget("30000")["cpu"] == 30000 and memory_budget("2GiB")["cpu"] == "2GiB"
+    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2, num_local_experts=4,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = helpers.save_checkpoint(helpers.make_model(cfg, seed=1, dtype=torch.bfloat16), tmp_path / "base")
+    before = set(glob.glob(f"{tempfile.gettempdir()}/patchkit-offload-*"))
+    model, _ = load_model(base, device_map="auto", max_memory="40KB")  # experts spill to a folder of its own
+    assert any(".experts." in k for k in on_disk(model))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # meta tensors keep their dtype
+    with float32_view(model) as m:  # an offloaded model cannot be moved: judged as it is
+        assert m is model
+    made = set(glob.glob(f"{tempfile.gettempdir()}/patchkit-offload-*")) - before
+    assert len(made) == 1
+    del model, m
+    gc.collect()
+    assert not any(Path(p).exists() for p in made)

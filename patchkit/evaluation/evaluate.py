@@ -81,7 +81,11 @@ def generate_batched(model, tok, prompts: Sequence[str], max_new_tokens: int = 3
 @contextmanager
 def float32_view(model):
     """The model in float32 inside the block, and back to its dtype after: bit-exact both ways
-    for bf16 and fp16 (widening is exact), so a judge reads features as probes are trained."""
+    for bf16 and fp16 (widening is exact), so a judge reads features as probes are trained. A model
+    accelerate placed (offloaded) cannot be moved and is used as it is."""
+    if getattr(model, "hf_device_map", None):  # placed by accelerate: it cannot be moved; judged as it is
+        yield model
+        return
     dtype = next(model.parameters()).dtype
     model.to(torch.float32)
     try:

@@ -39,6 +39,15 @@ POOLS = tuple(values(Pool))
 DEFAULT_MAX_LENGTH = 256
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: accelerate's execution device when it dispatched the model (its
+    weights may all be offloaded, on the meta device), else the device of its first real weight."""
+    dev = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 @contextlib.contextmanager
 def hooked(registrations: Iterable[tuple[nn.Module, str, Callable[..., Any]]]) -> Iterator[list[Any]]:
     """Register hooks for the ``with`` block and always remove them, even on exceptions.
@@ -191,7 +200,7 @@ def extract_features(
     base, layers, _norm = decoder_parts(model)
     if not (layer == -1 or 0 <= layer < len(layers)):
         raise UnsupportedError(f"layer {layer} does not exist; use -1 (final, normed) or 0..{len(layers) - 1}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: torch.Tensor | None = None
     captured: list[torch.Tensor] = []
 
@@ -239,7 +248,7 @@ def extract_gate_inputs(
     wanted = sorted(set(range(len(all_layers)) if layers is None else layers))
     if not wanted or wanted[0] < 0 or wanted[-1] >= len(all_layers):
         raise UnsupportedError(f"layers {list(layers or [])} out of range; use 0..{len(all_layers) - 1}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: dict[int, torch.Tensor] = {}
     batch_mask: list[torch.Tensor] = []
 

@@ -54,7 +54,7 @@ def is_hub_id(model: str) -> bool:
 
 def load_model(path: Path, dtype=None, *, device_map: str | None = None, max_memory: str | dict | None = None):
     """(model, tokenizer) from a local checkpoint folder, the model in eval mode; float32 by default
-    (fast matmuls on CPU). The one place patchkit loads a causal LM (probe, eval, tune, the embedded
+    (fast matmuls on CPU), the checkpoint's own dtype when accelerate places it. The one place patchkit loads a causal LM (probe, eval, tune, the embedded
     model). `device_map` (`auto`, `cpu`, `cuda`) and `max_memory` (a size such as `2GiB` for each
     device, or accelerate's per-device dict; alone it implies `device_map="auto"`) are passed to
     `from_pretrained` (accelerate's big-model inference)."""
@@ -68,8 +68,17 @@ def load_model(path: Path, dtype=None, *, device_map: str | None = None, max_mem
         kw["max_memory"] = max_memory if isinstance(max_memory, dict) else memory_budget(max_memory)
         device_map = device_map or "auto"
     if device_map is not None:
+        # placed by accelerate: the checkpoint's own dtype (float32 would double what must fit), and a
+        # folder for what spills to disk that the checkpoint's files cannot serve (fused experts)
+        import shutil
+        import tempfile
+        import weakref
+
         kw["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kw)
+        kw["offload_folder"] = tempfile.mkdtemp(prefix="patchkit-offload-")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or ("auto" if kw else torch.float32), **kw)
+    if "offload_folder" in kw:
+        weakref.finalize(model, shutil.rmtree, kw["offload_folder"], True)
     tok = AutoTokenizer.from_pretrained(path)
     return model.eval(), tok
 
@@ -82,6 +91,7 @@ def memory_budget(size: str) -> dict:
 
     if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", str(size).strip()):
         raise DataError(f"max memory {size!r} is not a size: write it as 2GiB, 1500MB or a number of bytes")
+    size = int(size) if str(size).strip().isdigit() else str(size).strip()  # bytes, or a size accelerate reads
     budget = {"cpu": size}
     budget.update({i: size for i in range(torch.cuda.device_count())})
     return budget
