@@ -395,3 +395,13 @@ def test_the_capability_meter_is_what_eval_reports(tiny):
     assert r.conditions[0].capability == meter.base and meter.base["kl"] == 0.0 and meter.tokens > 0
     patched = meter.measure(Patch.load(tiny["patch"]))
     assert r.conditions[1].capability == patched and patched["kl"] > 0 and patched["perplexity"] != meter.base_perplexity
+
+
+def test_library_and_command_default_to_the_same_control_seeds():
+    import inspect
+
+    from patchkit.cli import cli
+    from patchkit.evaluation.evaluate import evaluate
+
+    option = next(p for p in cli.commands["eval"].params if p.name == "control_seeds")
+    assert inspect.signature(evaluate).parameters["control_seeds"].default == option.default == 3

@@ -138,7 +138,7 @@ class EvalResult:
 def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = "builtin:toxicity-eval",
              benign: str | Sequence[str] | None = "builtin:benign-requests", judges: Sequence = ("lexical",),
              samples: int = 4, temperature: float = 0.9, max_new_tokens: int = 20, batch_size: int = 16,
-             controls: bool = False, qa=None, seed: int = 0, *, greedy: bool = True, control_seeds: int = 1,
+             controls: bool = False, qa=None, seed: int = 0, *, greedy: bool = True, control_seeds: int = 3,
              control_samples: bool = False,
              limit: int | None = None, benign_limit: int | None = 32, judge_label: str | None = None,
              judge_check: str | None = None, force_judge: bool = False, chat: bool | None = None, n_boot: int = 4000,
