@@ -76,7 +76,7 @@ def build_probe(base: Path, out: Path) -> dict:
 
     gen = torch.Generator().manual_seed(SEED)
     weight = torch.randn((2, CONFIG["hidden_size"]), generator=gen, dtype=torch.float32) * 0.02
-    probe = Probe(weight=weight, bias=torch.zeros(2), label_names=("benign", "behaviour"),
+    probe = Probe(weight=weight, bias=torch.zeros(2), label_names=("benign", "behaviour"), train_accuracy=1.0,
                   model_fingerprint=Checkpoint(base).fingerprint())
     save_probe(probe, out)
     return {"path": str(out), "bytes": out.stat().st_size, "direction_norm": float(probe.direction.norm())}

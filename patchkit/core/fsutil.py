@@ -25,12 +25,10 @@ environment, a portable scheme is used: see `_rename_exclusive` and `publish_fol
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -108,6 +106,9 @@ _renameat2_fn: list = []  # [callable or None], loaded on first use
 def _load_renameat2() -> Callable[[bytes, bytes, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # here, not at the top: only an output folder's publishing needs it (start-up time)
+    import platform
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -142,6 +143,8 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
         return False
     if fn(os.fsencode(src), os.fsencode(dst), flags) == 0:
         return True
+    import ctypes
+
     e = ctypes.get_errno()
     if e in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False

@@ -226,13 +226,14 @@ def _build_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
             with _Step("writing rows to", out_file), open(out_file, "r+b") as f:
                 for name in sorted(n for n in plan.overlay.rows if ck.info(n).file == path):
                     write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
-        # Like `cp`, the new folder is not fsynced: it appears whole under its name (a rename), and a
-        # killed process loses nothing; only a power cut before the kernel writes it back could.
+        # Like `cp`, the new folder is not fsynced, its records neither: it appears whole under its
+        # name (a rename), and a killed process loses nothing; only a power cut before the kernel
+        # writes it back could (a record cut short then fails its checksum).
         with _Step("writing the records in", tmp / st.STATE_DIR):
             st.copy_state(ck.path, tmp)
             for pid, originals in plan.undo.items():
-                st.write_undo(tmp, pid, originals)
-            st.save_state(tmp, plan.state_after)
+                st.write_undo(tmp, pid, originals, fsync=False, hashes=plan.undo_hashes.get(pid))
+            st.save_state(tmp, plan.state_after, fsync=False)
             st.collect_garbage(tmp)
 
 
