@@ -472,3 +472,13 @@ def test_rows_hash_is_sha256_of_the_bytes_for_every_shape(shape):
     a = np.arange(int(np.prod(shape)), dtype=np.uint16).reshape(shape)
     assert rows_hash(a) == hashlib.sha256(a.tobytes()).hexdigest()
     assert rows_hash(a.T) == hashlib.sha256(np.ascontiguousarray(a.T).tobytes()).hexdigest()  # not contiguous
+
+
+def test_nan_and_infinity_in_metadata_are_written_as_null(tmp_path):
+    """A probe never scored (NaN accuracy) or a perplexity past a float must not make an unreadable patch."""
+    p = pinned_patch()
+    p.provenance = {"method": "test", "accuracy": {"train": float("nan")}, "patchkit_version": "0.1.0"}
+    p.evaluation = {"ppl": [float("inf"), 1.5, float("-inf")]}
+    q = Patch.load(p.save(tmp_path / "nan.safetensors"))
+    assert q.provenance["accuracy"]["train"] is None and q.evaluation == {"ppl": [None, 1.5, None]}
+    assert pinned_patch().to_bytes() == pinned_patch().to_bytes()  # finite metadata: written as before

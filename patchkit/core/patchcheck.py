@@ -66,6 +66,23 @@ def _json_constant(name: str):
     raise JSONError(f"{name} is not a JSON number")
 
 
+def dumps(obj) -> str:
+    """Canonical JSON (sorted keys, no spaces), as patches store it. A NaN or infinity (an accuracy
+    never measured, a perplexity past a float) is written as null: no reader of patches takes them."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return dumps(_finite(obj))
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def unique_pairs(pairs: list) -> dict:
     """object_pairs_hook building a dict and refusing a key given twice."""
     d = dict(pairs)

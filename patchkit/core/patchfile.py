@@ -7,7 +7,6 @@ No model, no torch, no network: numpy and the standard library only, so that `in
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from ..errors import PatchFormatError, PatchkitError, UnsupportedError
 from . import encodings, patchcheck
 from .dtypes import FLOAT_DTYPES, add_to_rows, from_float, is_finite, named, shown, to_float
 from .encodings import factorize
+from .patchcheck import dumps
 from .sharing import find as find_sharing, holds as sharing_holds, stored as stored_arrays
 from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, read_tensor, serialize
 
@@ -261,14 +261,14 @@ class Patch:
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            "tensors": _dumps({n: _tensor_entry(e, shares.get(n)) for n, e in sorted(self.edits.items())}),
-            "base": _dumps(self.base_fingerprint()),
-            "provenance": _dumps(prov),
+            "tensors": dumps({n: _tensor_entry(e, shares.get(n)) for n, e in sorted(self.edits.items())}),
+            "base": dumps(self.base_fingerprint()),
+            "provenance": dumps(prov),
         }
         if self.parents:
-            meta["parents"] = _dumps(list(self.parents))
+            meta["parents"] = dumps(list(self.parents))
         if self.evaluation is not None:
-            meta["eval"] = _dumps(self.evaluation)
+            meta["eval"] = dumps(self.evaluation)
         if self.description:
             meta["description"] = self.description
         minor = max(self.minor, 2 if shares else 0)
@@ -389,10 +389,6 @@ def _tensor_entry(e: TensorEdit, shared: dict[str, str] | None = None) -> dict:
     if shared:
         entry["shared"] = dict(sorted(shared.items()))
     return entry
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 __all__ = ["Patch", "TensorEdit", "make_edit", "factorize", "rows_hash", "layer_of", "from_float", "to_float"]
