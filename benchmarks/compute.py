@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         return 2
 
     # ---- 1. base checkpoint -----------------------------------------------------------------------------
-    need = sum(bench_apply._nbytes(s) for _, s, _ in bench_apply.tensor_specs(CONFIG))
+    need = sum(bench_apply.nbytes(s) for _, s, _ in bench_apply.tensor_specs(CONFIG))
     du = shutil.disk_usage(work)
     cached = bench_apply.base_is_cached(base)
     room = (0 if cached else need) + 2 * need + (1 << 30)  # base + (a)'s model + (c)'s copy
