@@ -135,5 +135,5 @@ def test_moe_patches_apply_in_memory_to_fused_experts(family, tmp_path):
 
     path = patch.save(tmp_path / "moe.safetensors")
     r = evaluate(base, [path], prompts=["the good dog", "a cruel group"], benign=["the river is calm"],
-                 judges=[J.lexical(["cruel"])], controls=True, max_new_tokens=2, batch_size=2)
+                 judges=[J.lexical(["cruel"])], controls=True, control_seeds=1, max_new_tokens=2, batch_size=2)
     assert r.reverted_bit_identical and len(r.conditions) == 4
