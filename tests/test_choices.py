@@ -16,6 +16,7 @@ EXPECTED = {
     ("compute", "strategy"): Strategy, ("compute", "edit_method"): EditMethod, ("compute", "modules"): Modules,
     ("probe", "pool"): Pool, ("probe", "device_map"): DeviceMap,
     ("tune", "metric"): Metric, ("tune", "goal"): Goal, ("tune", "device_map"): DeviceMap,
+    ("tune", "edit_method"): EditMethod, ("tune", "modules"): Modules,
     ("eval", "device_map"): DeviceMap, ("export", "fmt"): AdapterFormat,
 }
 

@@ -1,6 +1,5 @@
 """The projection method: W <- W - lam * U U^T W on the tensors that write to the residual stream, stored as
-lowrank edits (+ exceptions) that reproduce the torch computation bit for bit, on every family of the table;
-and damping (AurA), stored as scale edits."""
+lowrank edits (+ exceptions) that reproduce the torch computation bit for bit, on every family of the table."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 from patchkit.core import ops
 from patchkit.core.patchfile import Patch
 from patchkit.errors import PatchkitError
-from patchkit.method.damping import aura_gamma, auroc, damping_patch, neuron_activations
 from patchkit.method.data import LabelledData
 from patchkit.method.projection import directions_from_features, projection_patch
 from test_architectures import LABELS, SPECS, TEXTS, zoo  # noqa: F401  (fixture)
@@ -118,40 +116,14 @@ def test_cli_compute_method_projection(zoo, tmp_path, cli_runner):  # noqa: F811
     assert r.exit_code == 2 and "needs --probe" in r.output
 
 
-# ---- damping (AurA), patchkit/method/damping.py: scale edits ------------------------------------------------------
-def test_auroc_matches_the_pairwise_definition():
-    rng = np.random.default_rng(0)
-    s = rng.integers(0, 4, size=(30, 5)).astype(np.float32)  # many ties
-    y = rng.integers(0, 2, 30)
-    y[:2] = [0, 1]
-    want = [np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1, m] for b in s[y == 0, m]]) for m in range(5)]
-    assert np.allclose(auroc(s, y), want, atol=1e-12)
-    g = aura_gamma(np.array([0.2, 0.5, 0.75, 1.0]))
-    assert g.tolist() == [1.0, 1.0, 0.5, 0.0]
-    assert aura_gamma(np.array([0.6, 0.9, 0.8]), fraction=0.34).tolist() == [1.0, np.float32(1 - 0.8), 1.0]
-
-
-def test_damping_patch_equals_the_torch_reference(zoo, tmp_path):  # noqa: F811
+def test_layer_features_in_one_pass_equal_extract_features_per_layer(zoo):  # noqa: F811
+    from patchkit.method.activations import extract_features
     from patchkit.method.pipeline import load_model
+    from patchkit.method.projection import layer_features
 
-    base = zoo("llama").path
-    model, tok = load_model(base)
-    acts = neuron_activations(model, tok, TEXTS)
-    assert sorted(acts) == [0, 1] and acts[0].shape == (len(TEXTS), 48)
-    data = LabelledData(tuple(TEXTS), tuple(LABELS), ("good", "bad"), "0" * 64, "stub")
-    p = damping_patch(base, data=data, fraction=0.25, model=model, tokenizer=tok)
-    assert {e.encoding for e in p.edits.values()} == {"scale"} and p.provenance["method"] == "damping"
-    assert sum(e.n_rows for e in p.edits.values()) <= round(0.25 * 96)
-    path = p.save(tmp_path / "damp.safetensors")
-    ops.apply(str(path), base, tmp_path / "out")
-    got, ref = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
-    for name, w in ref.items():
-        want = w.clone()
-        if name in p.edits:
-            e = p.edits[name]
-            rows = torch.from_numpy(e.rows.copy())
-            want[rows] = (w[rows].float() * torch.from_numpy(e.gamma.copy())[:, None]).to(w.dtype)
-        assert got[name].view(torch.uint8).equal(want.view(torch.uint8)), name
-    assert Patch.load(path).id == p.id
-    ops.revert(str(path), tmp_path / "out", tmp_path / "back")
-    assert all(load_file(tmp_path / "back" / "model.safetensors")[k].view(torch.uint8).equal(v.view(torch.uint8)) for k, v in ref.items())
+    model, tok = load_model(zoo("llama").path)
+    got = layer_features(model, tok, TEXTS, [1, 0], batch_size=3)
+    assert sorted(got) == [0, 1]
+    for l in (0, 1):
+        want = extract_features(model, tok, TEXTS, layer=l, pool="mean", batch_size=3, progress=False).numpy()
+        assert got[l].shape == want.shape and np.array_equal(got[l], want), l

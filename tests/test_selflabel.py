@@ -80,3 +80,21 @@ def test_learning_curve_shape():
     assert [r["n_train"] for r in curve] == [10, 40, 90]  # sizes the train side can supply, then all of it
     assert all(r["n_test"] == 30 and 0 <= r["accuracy"] <= 1 for r in curve)
     assert curve[-1]["accuracy"] > 0.8 and curve[-1]["balanced_accuracy"] > 0.8
+
+
+def test_self_labelling_loads_the_model_through_the_pipeline_in_bf16(tmp_path, monkeypatch):
+    from patchkit.method import pipeline
+
+    monkeypatch.setenv("PATCHKIT_CACHE", str(tmp_path / "cache"))
+    ck = helpers.tiny_llama(tmp_path / "model", torch.bfloat16, seed=2)
+    calls, real = [], pipeline.load_model
+
+    def spy(path, dtype=None):
+        calls.append((str(path), dtype))
+        return real(path, dtype=dtype)
+
+    monkeypatch.setattr(pipeline, "load_model", spy)
+    sl = self_labelled(ck, PROMPTS[:2], PROMPTS[2:3], stub_judge(), Settings(samples=0, max_new_tokens=3, batch_size=4))
+    assert calls == [(str(ck), torch.bfloat16)] and len(sl.rows) == 3
+    self_labelled(ck, PROMPTS[:2], PROMPTS[2:3], stub_judge(), Settings(samples=0, max_new_tokens=3, batch_size=4))
+    assert len(calls) == 1  # cached: no model loaded

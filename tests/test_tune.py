@@ -95,7 +95,8 @@ def test_ranking_is_computed_once_and_sliced_as_compute_selects(case):
 
 def test_choose_goal_and_ties():
     def pt(k, a, score, norm):
-        return Point(k, 0.1, a, "grid", 1.0, 0.0, 0.0, norm, True, judged=True, score=score)
+        return Point(k, 0.1, a, stage="grid", perplexity=1.0, ppl_increase=0.0, kl=0.0, edit_norm=norm, within_budget=True,
+                     judged=True, score=score)
 
     pts = [pt(10, 1.0, 0.5, 1.0), pt(10, 2.0, 0.2, 2.0), pt(40, 1.0, 0.2, 3.0), pt(40, 2.0, 0.9, 4.0)]
     assert (choose(pts, "lower").k, choose(pts, "lower").alpha) == (40, 1.0)  # tie at 0.2: the larger edit

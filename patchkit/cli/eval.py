@@ -9,6 +9,7 @@ import json
 import click
 
 from ..evaluation.choices import Goal, Metric
+from ..method.choices import EditMethod, Modules
 from ..evaluation.settings import COMMAND_DEFAULTS, RunSettings
 from ._common import CommandFailed, choice, emit, json_option, options_from, short
 
@@ -69,14 +70,23 @@ def eval_(model, patches, judges, judge_label, greedy, controls, control_seeds, 
 
 @click.command()
 @click.argument("model")
-@click.option("--probe", "probe_path", required=True, type=click.Path(), help="A probe made by `patchkit probe`.")
+@click.option("--method", "edit_method", type=choice(EditMethod), default="probe", show_default=True,
+              help="probe: K and alpha of the paper's gate-neuron edit; projection: its lam; damping: its fraction (docs/tune.md).")
+@click.option("--probe", "probe_path", type=click.Path(), help="With --method probe: a probe made by `patchkit probe`.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the chosen patch.")
 @click.option("--max-ppl-increase", help="Budget: perplexity on the benign text at most this much above the base (5% or 0.05).")
 @click.option("--max-kl", type=click.FloatRange(0), help="Budget: mean next-token KL(base||patched) on the benign text, nats.")
 @click.option("--top-k", "top_ks", help="Comma-separated K values (rows edited across all layers).")
-@click.option("--fraction", "fractions", help="Or: comma-separated fractions of all target rows (default 0.01,0.0465,0.1).")
+@click.option("--fraction", "--fractions", "fractions", help="Or: comma-separated fractions of all target rows (default "
+              "0.01,0.0465,0.1). With --method damping: fractions of all MLP neurons (default 0.01,0.03,0.1,0.3,1).")
 @click.option("--alpha", "alphas", help="Comma-separated edit strengths (default 0.5,1,2,4).")
-@click.option("--refine", type=click.IntRange(0), default=3, show_default=True, help="Bisection steps on alpha at each K.")
+@click.option("--data", help="With --method projection or damping: labelled texts (a file, or builtin:toxicity and the like).")
+@click.option("--lam", "--lams", "lams", help="With --method projection: comma-separated strengths (default 0.25,0.5,0.75,1).")
+@click.option("--layers", help="With --method projection or damping: decoder layers to edit, 15-29 or 15,16,... (default: all).")
+@click.option("--rank", type=click.IntRange(1, 64), help="With --method projection: directions per layer (default 1).")
+@click.option("--modules", type=choice(Modules), help="With --method projection: which residual writers to edit (default both).")
+@click.option("--refine", type=click.IntRange(0), default=3, show_default=True,
+              help="Bisection steps on the strength (alpha at each K, lam, fraction).")
 @click.option("--judge", default="lexical", show_default=True, help="lexical, refusal, jigsaw, probe:PATH or classifier:PATH_OR_HUB_ID.")
 @click.option("--goal", type=choice(Goal), help="Which judge scores are better (default: higher for refusal, else lower).")
 @click.option("--metric", type=choice(Metric), default="mean", show_default=True)
@@ -85,25 +95,37 @@ def eval_(model, patches, judges, judge_label, greedy, controls, control_seeds, 
 @click.option("--description", help="A line of text stored in the patch.")
 @click.option("--overwrite", is_flag=True, help="Replace the patch file if it exists.")
 @json_option
-def tune(model, probe_path, output, max_ppl_increase, max_kl, top_ks, fractions, alphas, refine, judge, goal, metric,
-         any_probe, description, overwrite, as_json, **settings):
-    """Search K and alpha for the strongest judged change within a capability budget; write the chosen patch.
+def tune(model, edit_method, probe_path, output, max_ppl_increase, max_kl, top_ks, fractions, alphas, data, lams, layers, rank,
+         modules, refine, judge, goal, metric, any_probe, description, overwrite, as_json, **settings):
+    """Search an edit's strength within a capability budget for the strongest judged change.
 
-    Every point is measured on MODEL loaded once (perplexity and KL first, generation only within
+    --method probe searches K and alpha of the probe's edit, projection its lam, damping its fraction of
+    neurons; the chosen patch is written to OUTPUT. Every point is measured on MODEL loaded once (perplexity and KL first, generation only within
     budget); the trade-off table is printed and stored in the patch (`patchkit inspect`). See docs/tune.md.
     """
     from ..errors import OutputExistsError
     from ..evaluation.tune import parse_floats, render_tune_table
     from ..evaluation.tune import tune as run_tune
 
+    flags = {"--probe": probe_path, "--top-k": top_ks, "--alpha": alphas, "--any-probe": any_probe or None, "--data": data,
+             "--lam": lams, "--layers": layers, "--rank": rank, "--modules": modules}
+    takes = {"probe": ("--probe", "--top-k", "--alpha", "--any-probe"), "projection": ("--data", "--lam", "--layers", "--rank", "--modules"),
+             "damping": ("--data", "--layers")}[edit_method]
+    stray = [f for f, v in flags.items() if v is not None and f not in takes] + (["--fraction"] if fractions and edit_method == "projection" else [])
+    if stray:
+        raise CommandFailed(f"{stray[0]} does not go with --method {edit_method} (it takes {', '.join(takes)})", 2)
+    if (probe_path if edit_method == "probe" else data) is None:
+        raise CommandFailed(f"--method {edit_method} needs {'--probe PATH' if edit_method == 'probe' else '--data (labelled texts)'}", 2)
     if top_ks and fractions:
         raise CommandFailed("give --top-k or --fraction, not both", 2)
     if max_ppl_increase is None and max_kl is None:
         raise CommandFailed("give a budget: --max-ppl-increase and/or --max-kl", 2)
     OutputExistsError.check(output, overwrite)
-    r = run_tune(model, probe_path, ks=[int(k) for k in parse_floats(top_ks, "--top-k")] if top_ks else None,
+    r = run_tune(model, probe_path, method=edit_method, ks=[int(k) for k in parse_floats(top_ks, "--top-k")] if top_ks else None,
                  fractions=parse_floats(fractions, "--fraction") if fractions else None,
-                 alphas=parse_floats(alphas, "--alpha") if alphas else None, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
+                 alphas=parse_floats(alphas, "--alpha") if alphas else None, data=data,
+                 lams=parse_floats(lams, "--lam") if lams else None, layers=layers, rank=rank, modules=modules,
+                 max_ppl_increase=max_ppl_increase, max_kl=max_kl,
                  judge=judge, goal=goal, metric=metric, refine=refine, check_model=not any_probe, description=description,
                  output=output, overwrite=overwrite, log=None if as_json else (lambda m: click.echo(m, err=True)),
                  **RunSettings(**settings).kwargs())
@@ -111,7 +133,7 @@ def tune(model, probe_path, output, max_ppl_increase, max_kl, top_ks, fractions,
 
     def human(d):
         click.echo(render_tune_table(r))
-        click.echo(f"wrote {output}: patch {short(d['patch_id'])}, K={r.best.k}, alpha {r.best.alpha:g} "
+        click.echo(f"wrote {output}: patch {short(d['patch_id'])}, {r.best.label()} "
                    f"({r.timing['total_s']:.1f} s, {r.timing['points']} points, {r.timing['generated']} generated)")
         if not r.improves_on_base:
             click.echo("warning: no point within budget scored better than the base on this judge", err=True)

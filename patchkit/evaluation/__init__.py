@@ -7,7 +7,8 @@ controls of the same size (controls), the comparisons with the base and the cont
 labels (selflabel),
 the judges (judges) and the Jigsaw classifier run in torch (jigsaw), reading its pickled
 vocabulary without executing it (safepickle), perplexity and KL on benign text (capability), the
-search for K and alpha within a capability budget (tune), the settings eval and tune share
+search for K and alpha, a projection's lam or damping's fraction within a capability budget (tune,
+strength), the settings eval and tune share
 (settings), the option values as enums (choices), the tables and HTML report (report), and the demo. It may import patchkit.core, patchkit.method,
 patchkit.share and torch/transformers; nothing imports it but patchkit.cli (and the top-level
 `patchkit.evaluate`). `evaluate` and `tune`, the functions, are `patchkit.evaluate` and

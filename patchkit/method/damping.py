@@ -58,7 +58,7 @@ def neuron_activations(model, tokenizer, texts, batch_size: int = 16, max_length
     """{layer: float32 [n, intermediate]}: per text, the max over its tokens of each down_proj input."""
     import torch
 
-    from .activations import decoder_parts, hooked, token_batches
+    from .activations import decoder_parts, hooked, input_device, token_batches
 
     _base, layers, _norm = decoder_parts(model)
     downs = [getattr(getattr(layer, "mlp", None), "down_proj", None) for layer in layers]
@@ -76,7 +76,7 @@ def neuron_activations(model, tokenizer, texts, batch_size: int = 16, max_length
             arr[rows] = pooled.cpu().numpy()
         return hook
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.no_grad(), hooked([(d, "pre", grab(i)) for i, d in enumerate(downs)]):
         for chunk, inputs in token_batches(tokenizer, list(texts), batch_size, max_length, "right"):
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -86,13 +86,14 @@ def neuron_activations(model, tokenizer, texts, batch_size: int = 16, max_length
 
 
 def damping_patch(checkpoint, *, data=None, activations: dict | None = None, labels=None, fraction: float = 1.0,
-                  layers=None, model=None, tokenizer=None) -> Patch:
-    """The AurA damping patch: `scale` edits of up_proj rows (see the module doc)."""
+                  layers=None, model=None, tokenizer=None, aurocs: dict | None = None) -> Patch:
+    """The AurA damping patch: `scale` edits of up_proj rows (see the module doc). `aurocs` {layer: [N]}
+    (from :func:`auroc` of the activations) may be given instead of the activations."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     ups = {int(m.group("layer")): n for n in ck.tensors if (m := UP.search(n))}
     if not ups:
         raise UnsupportedError(f"{ck.path} has no mlp.up_proj tensors: damping handles gated (Llama-style) MLPs only")
-    if activations is None:
+    if activations is None and aurocs is None:
         if data is None:
             raise PatchkitError("damping needs labelled data (or activations and labels)")
         if model is None:
@@ -101,7 +102,10 @@ def damping_patch(checkpoint, *, data=None, activations: dict | None = None, lab
             model, tokenizer = load_model(ck.path)
         activations, labels = neuron_activations(model, tokenizer, data.texts), list(data.labels)
     chosen = sorted(ups) if layers is None else sorted(int(l) for l in layers)
-    au = {l: auroc(activations[l], labels) for l in chosen}
+    missing = [l for l in chosen if l not in ups or (aurocs is None and l not in activations) or (aurocs is not None and l not in aurocs)]
+    if missing:
+        raise PatchkitError(f"layer {missing[0]} has no up_proj tensor or no activations")
+    au = {l: np.asarray(aurocs[l], dtype=np.float64) if aurocs is not None else auroc(activations[l], labels) for l in chosen}
     flat = np.concatenate([au[l] for l in chosen])
     gam = aura_gamma(flat, fraction)
     edits, start, stats = {}, 0, {}

@@ -80,12 +80,44 @@ def directions_from_features(features: dict[int, np.ndarray], labels, layers, ra
     return dirs, quality
 
 
-def layer_features(model, tokenizer, texts, layers, batch_size: int = 16, progress: bool = False) -> dict[int, np.ndarray]:
-    """Mean-pooled hidden states after each decoder layer in `layers`, float32 [n, hidden]."""
-    from .activations import extract_features
+def layer_features(model, tokenizer, texts, layers, batch_size: int = 16, progress: bool = False,
+                   max_length: int = 256) -> dict[int, np.ndarray]:
+    """Mean-pooled hidden states after each decoder layer in `layers`, float32 [n, hidden]: one forward
+    pass per batch for every layer at once (the same numbers as `extract_features(layer=l)` per layer)."""
+    import torch
 
-    return {l: extract_features(model, tokenizer, list(texts), layer=l, pool="mean", batch_size=batch_size,
-                                progress=progress).numpy() for l in layers}
+    from .activations import decoder_parts, hooked, input_device, token_batches
+
+    base, blocks, _norm = decoder_parts(model)
+    wanted = sorted(set(int(l) for l in layers))
+    device = input_device(model)
+    out = {l: np.empty((len(texts), 0), np.float32) for l in wanted}
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def grab(index):
+        def hook(_module, _args, output):
+            grabbed[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), hooked([(blocks[l], "forward", grab(l)) for l in wanted]):
+            for chunk, inputs in token_batches(tokenizer, list(texts), batch_size, max_length, "right"):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                grabbed.clear()
+                base(**inputs, use_cache=False)
+                keep = inputs["attention_mask"].bool().unsqueeze(-1)
+                count = inputs["attention_mask"].sum(dim=1, keepdim=True).clamp(min=1)
+                for l in wanted:
+                    h = grabbed[l].float()
+                    pooled = (torch.where(keep, h, torch.zeros((), dtype=h.dtype)).sum(dim=1) / count.to(h.dtype)).cpu().numpy()
+                    if out[l].shape[1] == 0:
+                        out[l] = np.empty((len(texts), pooled.shape[1]), np.float32)
+                    out[l][np.asarray(chunk)] = pooled
+    finally:
+        model.train(was_training)
+    return out
 
 
 def projection_edit(ck: Checkpoint, name: str, axis: int, u: np.ndarray, lam: float):
