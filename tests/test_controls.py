@@ -115,7 +115,7 @@ def test_projection_controls_refuse_without_the_data(llama):
     p = projection_patch(base, data=DATA, layers=[1], lam=0.5)
     builders = dict(control_builders(model, p, seed=0))  # random directions need no data
     assert builders["random-direction"](1.0).edits
-    with pytest.raises(DataError, match="pass data= or features="):
+    with pytest.raises(DataError, match="needs the data the patch was made from .*pass data= or features="):
         builders["label-shuffled"](1.0)
     other = LabelledData(DATA.texts, DATA.labels, DATA.label_names, "1" * 64, "other")
     with pytest.raises(DataError, match="not the data the patch was made from"):
@@ -163,3 +163,35 @@ def test_row_controls_dispatch_and_scale(llama, tmp_path):
     assert np.allclose(rr.edits[name].deltas(), 2 * dict(make_controls(model, p, seed=0))["random-rows"].edits[name].deltas(), atol=1e-6)
     assert scaled_rows(p, 1.0) is p
     applies_and_reverts(rr, base, tmp_path, "rows")
+
+
+def test_eval_finds_or_is_given_a_projection_patchs_data_file(zoo, tmp_path):  # noqa: F811
+    """eval --controls on a projection patch made from a file: the label-shuffled control reads the file its
+    provenance names; once the file is gone it is one DataError; --control-data gives it back."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from patchkit.cli import cli
+    from patchkit.evaluation.evaluate import evaluate
+    from patchkit.method.pipeline import load_data
+
+    base = zoo("llama").path
+    data_file = tmp_path / "tox.jsonl"
+    data_file.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS, LABELS)))
+    patch = projection_patch(base, data=load_data(str(data_file)), layers=[1], lam=0.5).save(tmp_path / "proj.safetensors")
+    kw = {"prompts": ["the good dog", "they hate"], "benign": ["the river is calm"], "judges": ["lexical"], "samples": 0,
+          "max_new_tokens": 2, "batch_size": 2, "controls": True, "control_seeds": 1}
+    kinds = {c.kind for c in evaluate(base, [patch], **kw).conditions}
+    assert kinds == {"base", "patch", "random-direction", "label-shuffled"}
+    moved = shutil.move(data_file, tmp_path / "elsewhere.jsonl")
+    with pytest.raises(DataError, match="needs the data the patch was made from"):
+        evaluate(base, [patch], **kw)
+    args = ["eval", str(base), "--patch", str(patch), "--benign-limit", "1", "--limit", "2", "--samples", "0",
+            "--max-new-tokens", "2", "--controls", "--control-seeds", "1", "--json"]
+    r = CliRunner().invoke(cli, args + ["--control-data", str(moved)])
+    assert r.exit_code == 0, r.output
+    assert {c["kind"] for c in json.loads(r.stdout)["conditions"]} >= {"label-shuffled", "random-direction"}
+    r = CliRunner().invoke(cli, [a for a in args if a != "--controls"] + ["--control-data", str(moved)])
+    assert r.exit_code == 2 and "--control-data is for --controls" in r.output

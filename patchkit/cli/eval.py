@@ -20,7 +20,10 @@ from ._common import CommandFailed, choice, emit, json_option, options_from, sho
 @click.option("--judge-label", help="The classifier label that counts (name or index).")
 @options_from(RunSettings, COMMAND_DEFAULTS["eval"])
 @click.option("--greedy/--no-greedy", default=True, show_default=True, help="Also one greedy continuation per prompt.")
-@click.option("--controls", is_flag=True, help="Also run random-rows and random-direction controls of each patch.")
+@click.option("--controls", is_flag=True, help="Also run controls of each patch, chosen by its method: random rows and "
+              "directions (model surgery), random and label-shuffled directions (projection), random neurons (damping).")
+@click.option("--control-data", help="The labelled data a projection patch was made from (FILE or builtin:NAME), for its "
+              "label-shuffled control when the file its provenance names is not here.")
 @click.option("--control-seeds", type=click.IntRange(1), default=3, show_default=True, help="Seeds of each control kind.")
 @click.option("--control-samples", is_flag=True, help="Sample the controls too (default: their greedy continuations only).")
 @click.option("--qa", type=click.Path(exists=True, dir_okay=False), help="JSONL of question/answer pairs: exact-match accuracy.")
@@ -28,7 +31,7 @@ from ._common import CommandFailed, choice, emit, json_option, options_from, sho
 @click.option("--attach", is_flag=True, help="Write PATCH.eval.safetensors beside each patch, with the numbers stored in it.")
 @click.option("--overwrite", is_flag=True, help="With --attach: replace an existing PATCH.eval.safetensors.")
 @json_option
-def eval_(model, patches, judges, judge_label, greedy, controls, control_seeds, control_samples, qa, report_dir, attach,
+def eval_(model, patches, judges, judge_label, greedy, controls, control_data, control_seeds, control_samples, qa, report_dir, attach,
           overwrite, as_json, **settings):
     """Measure what PATCHes do to MODEL: judged continuations of prompts, perplexity and KL on benign text.
 
@@ -47,7 +50,9 @@ def eval_(model, patches, judges, judge_label, greedy, controls, control_seeds, 
     outs = [eval_output(p if Path(ref).exists() else p.name) for ref, p in zip(patches, paths)]
     for o in outs if attach else []:
         OutputExistsError.check(o, overwrite)
-    r = evaluate(model, paths, judges=list(judges) or ["lexical"], controls=controls, qa=qa,
+    if control_data and not controls:
+        raise CommandFailed("--control-data is for --controls", 2)
+    r = evaluate(model, paths, judges=list(judges) or ["lexical"], controls=controls, control_data=control_data, qa=qa,
                  greedy=greedy, control_seeds=control_seeds, control_samples=control_samples, judge_label=judge_label,
                  log=None if as_json else (lambda m: click.echo(m, err=True)), **RunSettings(**settings).kwargs())
     out = r.to_dict()

@@ -157,13 +157,19 @@ def projection_features(model, patch: Patch, data=None, features=None, checkpoin
         return features
     rec = patch.provenance.get("data") or {}
     if data is None:
-        src = str(rec.get("source") or "")
-        if not src.startswith("builtin:"):
-            raise DataError("the label-shuffled control needs the patch's data: pass data= or features=")
+        from pathlib import Path
+
         from ..method.pipeline import load_data
 
-        name, _, split = src[len("builtin:"):].partition("[")
-        data = load_data(f"builtin:{name}", split=split.rstrip("]") or "train")
+        src = str(rec.get("source") or "")
+        if src.startswith("builtin:"):
+            name, _, split = src[len("builtin:"):].partition("[")
+            data = load_data(f"builtin:{name}", split=split.rstrip("]") or "train")
+        elif src and Path(src).is_file():  # checked against the recorded hash below
+            data = load_data(src)
+        else:
+            raise DataError(f"the label-shuffled control needs the data the patch was made from ({src or 'not recorded'}): "
+                            "pass data= or features= (patchkit eval: --control-data)")
     if rec.get("sha256") and data.content_hash != rec["sha256"]:
         raise DataError(f"the data given ({data.source}) is not the data the patch was made from ({rec.get('source')})")
     from ..method.pipeline import load_model

@@ -26,7 +26,7 @@ from ..errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from . import judges as J
 from .capability import CapabilityMeter
 from .comparisons import compare_conditions, condition_metrics, judge_quality, per_prompt  # noqa: F401
-from .controls import edit_norm, make_controls, rows_intact  # noqa: F401 (re-exported)
+from .controls import edit_norm, make_controls, projection_features, rows_intact  # noqa: F401 (re-exported)
 from .inmemory import patched
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
@@ -139,15 +139,17 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
              benign: str | Sequence[str] | None = "builtin:benign-requests", judges: Sequence = ("lexical",),
              samples: int = 4, temperature: float = 0.9, max_new_tokens: int = 20, batch_size: int = 16,
              controls: bool = False, qa=None, seed: int = 0, *, greedy: bool = True, control_seeds: int = 3,
-             control_samples: bool = False,
+             control_samples: bool = False, control_data=None,
              limit: int | None = None, benign_limit: int | None = 32, judge_label: str | None = None,
              judge_check: str | None = None, force_judge: bool = False, chat: bool | None = None, n_boot: int = 4000,
              alpha: float = 0.05, device_map: str | None = None, max_memory: str | None = None,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate ``patches`` (each a Patch, a path or ``hf://``) on the model at ``model_path`` (a folder, Hub id
-    or ``embedded``); see the module doc. ``device_map`` and ``max_memory`` go to ``pipeline.load_model``."""
+    or ``embedded``); see the module doc. ``device_map`` and ``max_memory`` go to ``pipeline.load_model``.
+    ``control_data`` (a file or ``builtin:NAME``) is the data a projection patch was made from, for its
+    label-shuffled control, when the patch's provenance names a file that is not here."""
     from ..core.checkpoint import Checkpoint
-    from ..method.pipeline import load_model, resolve_model
+    from ..method.pipeline import load_data, load_model, resolve_model
 
     say = log or (lambda _m: None)
     t_start = time.monotonic()
@@ -189,8 +191,11 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
     conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
     for p in loaded:
         conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p)), p))
+        # a projection patch's label-shuffled controls share one pass over its data's features
+        feats = projection_features(model, p, data=control_data and load_data(control_data)) if (
+            controls and (p.provenance or {}).get("method") == "projection") else None
         for s in range(seed, seed + control_seeds) if controls else ():
-            for kind, c in make_controls(model, p, s):
+            for kind, c in make_controls(model, p, s, features=feats):
                 conds.append((Condition(f"{p.id[:12]}/{kind}#{s}", kind, c.id, p.id, f"{kind} control, seed {s}", c.rows, edit_norm(c), s), c))
     gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
     for cond, p in conds:
