@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from patchkit.core import ops
 from patchkit.core.patchfile import Patch
-from patchkit.errors import DataError
+from patchkit.errors import DataError, UnsupportedError
 from patchkit.evaluation.controls import (control_builders, make_controls, random_directions, scaled_rows,
                                           shuffled_labels)
 from patchkit.evaluation.inmemory import patched, state_tensors
@@ -195,3 +195,28 @@ def test_eval_finds_or_is_given_a_projection_patchs_data_file(zoo, tmp_path):  #
     assert {c["kind"] for c in json.loads(r.stdout)["conditions"]} >= {"label-shuffled", "random-direction"}
     r = CliRunner().invoke(cli, [a for a in args if a != "--controls"] + ["--control-data", str(moved)])
     assert r.exit_code == 2 and "--control-data is for --controls" in r.output
+
+
+def test_the_size_of_a_damping_patch_and_eval_of_it(llama):
+    """A scale edit changes row w by (gamma - 1) * w: its size needs the base rows, read from a checkpoint
+    or from the model alike; eval of a damping patch with its controls runs (it raised: no deltas)."""
+    from patchkit.core.checkpoint import Checkpoint
+    from patchkit.core.dtypes import to_float
+    from patchkit.evaluation.controls import edit_norm, model_rows
+    from patchkit.evaluation.evaluate import evaluate
+
+    base, model, tok = llama
+    data = LabelledData(tuple(TEXTS), tuple(LABELS), ("good", "bad"), "0" * 64, "stub")
+    p = damping_patch(base, data=data, fraction=0.3, model=load_model(base)[0], tokenizer=tok)
+    ck = Checkpoint(base)
+    want = np.sqrt(sum((((np.broadcast_to(e.gamma, (e.n_rows,)).astype(np.float64) - 1)[:, None]
+                         * to_float(ck.read_rows(n, e.rows), e.dtype).reshape(e.n_rows, -1)) ** 2).sum() for n, e in p.edits.items()))
+    assert want > 0 and edit_norm(p, ck.read_rows) == pytest.approx(want, rel=1e-12)
+    assert edit_norm(p, model_rows(model)) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(UnsupportedError, match="needs the base rows"):
+        edit_norm(p)
+    r = evaluate(base, [p], prompts=["the good dog", "they hate"], benign=["the river is calm"], judges=["lexical"],
+                 samples=0, max_new_tokens=2, batch_size=2, controls=True, control_seeds=1)
+    cond = {c.kind: c for c in r.conditions}
+    assert set(cond) == {"base", "patch", "random-neurons"} and cond["patch"].edit_norm == pytest.approx(want, rel=1e-6)
+    assert r.reverted_bit_identical

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from ..core.dtypes import to_float
 from ..core.patchfile import Patch, TensorEdit, rows_hash
 from ..core.patchfile import make_edit
 from ..errors import DataError, UnsupportedError
@@ -255,16 +256,41 @@ def damping_controls(model, patch: Patch, seed: int = 0):
     return [("random-neurons", make)]
 
 
-def edit_norm(patch: Patch) -> float:
-    """sqrt of the sum of squared row deltas: the size of the edit, matched by the controls."""
-    return float(math.sqrt(sum(float((e.deltas().astype(np.float64) ** 2).sum()) for e in patch.edits.values() if e.encoding != "replace")))
+def edit_norm(patch: Patch, rows_of=None) -> float:
+    """sqrt of the sum of squared changes of the edited rows: the size of the edit, matched by the
+    controls. A scale edit changes row w by (gamma - 1) * w, so it needs the base rows: `rows_of(name,
+    rows)` gives their raw bytes (a Checkpoint's `read_rows`, or `model_rows(model)`)."""
+    total = 0.0
+    for name, e in patch.edits.items():
+        if e.encoding == "replace":
+            continue
+        if e.encoding == "scale":
+            if rows_of is None:
+                raise UnsupportedError(f"tensor {name}: the size of a scale edit needs the base rows")
+            w = to_float(rows_of(name, e.rows), e.dtype).reshape(e.n_rows, -1).astype(np.float64)
+            change = (np.broadcast_to(e.gamma.astype(np.float64), (e.n_rows,)) - 1.0)[:, None] * w
+        else:
+            change = e.deltas().astype(np.float64)
+        total += float((change ** 2).sum())
+    return math.sqrt(total)
+
+
+def model_rows(model):
+    """`rows_of(name, rows)` for a model in memory: the raw bytes of those rows as the model holds them
+    (offloaded weights read through accelerate's hooks); None for a tensor the model does not have."""
+    tensors = state_tensors(model)
+
+    def rows_of(name: str, rows) -> np.ndarray | None:
+        t = tensor_for(tensors, name)
+        return None if t is None else raw_rows(row_view(t)[torch.from_numpy(np.asarray(rows, dtype=np.int64))], DTYPE_NAMES[t.dtype])
+    return rows_of
 
 
 def rows_intact(model, patch: Patch) -> bool:
     """The touched rows hold exactly the patch's base bytes (the patch is not applied)."""
-    tensors = state_tensors(model)
+    rows_of = model_rows(model)
     for name, e in patch.edits.items():
-        t = tensor_for(tensors, name)
-        if t is None or rows_hash(raw_rows(row_view(t)[torch.from_numpy(np.array(e.rows))], DTYPE_NAMES[t.dtype])) != e.base_sha256:
+        raw = rows_of(name, e.rows)
+        if raw is None or rows_hash(raw) != e.base_sha256:
             return False
     return True

@@ -26,7 +26,7 @@ from ..errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from . import judges as J
 from .capability import CapabilityMeter
 from .comparisons import compare_conditions, condition_metrics, judge_quality, per_prompt  # noqa: F401
-from .controls import edit_norm, make_controls, projection_features, rows_intact  # noqa: F401 (re-exported)
+from .controls import edit_norm, make_controls, model_rows, projection_features, rows_intact  # noqa: F401 (re-exported)
 from .inmemory import patched
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
@@ -189,14 +189,15 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
     use_chat = chat if chat is not None else any(j.kind == "refusal" for j in judge_objs) and bool(getattr(tok, "chat_template", None))
 
     conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
+    base_rows = model_rows(model)  # the size of a scale edit needs the base rows
     for p in loaded:
-        conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p)), p))
+        conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p, base_rows)), p))
         # a projection patch's label-shuffled controls share one pass over its data's features
         feats = projection_features(model, p, data=control_data and load_data(control_data)) if (
             controls and (p.provenance or {}).get("method") == "projection") else None
         for s in range(seed, seed + control_seeds) if controls else ():
             for kind, c in make_controls(model, p, s, features=feats):
-                conds.append((Condition(f"{p.id[:12]}/{kind}#{s}", kind, c.id, p.id, f"{kind} control, seed {s}", c.rows, edit_norm(c), s), c))
+                conds.append((Condition(f"{p.id[:12]}/{kind}#{s}", kind, c.id, p.id, f"{kind} control, seed {s}", c.rows, edit_norm(c, base_rows), s), c))
     gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
     for cond, p in conds:
         t0 = time.monotonic()

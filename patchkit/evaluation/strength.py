@@ -21,10 +21,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 
 from ..core.choices import values
-from ..core.dtypes import to_float
 from ..core.patchfile import Patch
 from ..errors import DataError, UnsupportedError
 from ..method.choices import EditMethod
@@ -170,11 +168,7 @@ class StrengthSearch:
 
     def measure(self, strength: float, stage: str) -> Measured:
         patch = self.patch(strength)
-        return self.bench.measure(patch, self.kind, stage, norm=self.norm(patch), **{self.name: strength, "rows": patch.rows})
-
-    def norm(self, _patch: Patch) -> float | None:
-        """The edit's size, where `evaluate.edit_norm` cannot tell it (None: it can)."""
-        return None
+        return self.bench.measure(patch, self.kind, stage, **{self.name: strength, "rows": patch.rows})
 
     def run(self, refine: int) -> None:
         for s in self.grid:
@@ -261,13 +255,6 @@ class DampingSearch(StrengthSearch):
 
     def make(self, fraction: float) -> Patch:
         return damping_patch(self.bench.ck, aurocs=self.aurocs, fraction=fraction, layers=self.layers)
-
-    def norm(self, patch: Patch) -> float:
-        """sqrt of the sum of squared (gamma - 1) * w over the damped rows w of the base (a scale edit has no deltas)."""
-        ck = self.bench.ck
-        return math.sqrt(sum(float((((np.broadcast_to(e.gamma.astype(np.float64), (len(e.rows),)) - 1.0)[:, None]
-                                     * to_float(ck.read_rows(n, e.rows), e.dtype).reshape(len(e.rows), -1)) ** 2).sum())
-                             for n, e in patch.edits.items()))
 
 
 SEARCHES = {"projection": ProjectionSearch, "damping": DampingSearch}

@@ -144,14 +144,13 @@ class Bench:
         if not self.meter.tokens:
             raise DataError("the benign text has no tokens to predict; give longer texts")
 
-    def measure(self, patch: Patch, kind: type, stage: str, norm: float | None = None, **knobs) -> Measured:
-        """The point `kind(**knobs)` of `patch`: perplexity and KL on the benign text, against the budget; `norm`: the
-        edit's size where `edit_norm` cannot tell it."""
+    def measure(self, patch: Patch, kind: type, stage: str, **knobs) -> Measured:
+        """The point `kind(**knobs)` of `patch`: perplexity and KL on the benign text, against the budget."""
         m = self.meter.measure(patch)
         ppl, kl = m["perplexity"], m["kl"]
         inc = ppl / self.meter.base_perplexity - 1
         over = [n for n, v, b in (("ppl", inc, self.max_ppl), ("kl", kl, self.max_kl)) if b is not None and not v <= b]  # NaN: over
-        pt = kind(**knobs, stage=stage, perplexity=ppl, ppl_increase=inc, kl=kl, edit_norm=E.edit_norm(patch) if norm is None else norm,
+        pt = kind(**knobs, stage=stage, perplexity=ppl, ppl_increase=inc, kl=kl, edit_norm=E.edit_norm(patch, self.ck.read_rows),
                   within_budget=not over, over=over)
         self.table.append(pt)
         self.say(f"{pt.label()}: ppl {ppl:.3f} ({100 * inc:+.2f}%), KL {kl:.4f}" + (f", over budget ({'+'.join(over)})" if over else ""))
