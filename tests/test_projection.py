@@ -80,7 +80,7 @@ def test_directions_from_a_stub_labelled_set():
     feats = {l: rng.standard_normal((60, 16)) * 0.1 + labels[:, None] * signal * (l + 1) for l in range(3)}
     dirs, quality = directions_from_features(feats, labels, [0, 2], rank=2)
     assert dirs[0].shape == (16, 2) and np.allclose(dirs[0].T @ dirs[0], np.eye(2), atol=1e-6)
-    assert abs(dirs[2][3, 0]) > 0.95 and dirs[2][3, 0] > 0 and quality[2] == 1.0
+    assert abs(dirs[2][3, 0]) > 0.95 and dirs[2][3, 0] > 0 and quality[2]["held_out_auc"] == 1.0
 
 
 def test_end_to_end_with_features_from_the_model(zoo, tmp_path):  # noqa: F811
@@ -89,7 +89,7 @@ def test_end_to_end_with_features_from_the_model(zoo, tmp_path):  # noqa: F811
     p = projection_patch(base, data=data, layers=[0, 1], lam=1.0)
     prov = p.provenance
     assert prov["data"] == {"source": "stub", "sha256": "0" * 64, "examples": 24}
-    assert set(prov["directions"]) == {"0", "1"} and all(0 <= d["held_out_accuracy"] <= 1 for d in prov["directions"].values())
+    assert set(prov["directions"]) == {"0", "1"} and all(0 <= d["held_out_auc"] <= 1 and sum(d["held_out"]) == 5 for d in prov["directions"].values())
     q = Patch.load(p.save(tmp_path / "p.safetensors"))
     assert q.id == p.id and len(q.edits) == 4
 
@@ -127,3 +127,17 @@ def test_layer_features_in_one_pass_equal_extract_features_per_layer(zoo):  # no
     for l in (0, 1):
         want = extract_features(model, tok, TEXTS, layer=l, pool="mean", batch_size=3, progress=False).numpy()
         assert got[l].shape == want.shape and np.array_equal(got[l], want), l
+
+
+def test_direction_quality_is_a_held_out_auc_not_a_thresholded_accuracy():
+    from patchkit.method.projection import held_out_quality
+
+    # held out: every 5th of 40 texts, 4 toxic and 4 not; only their ranking on u counts (the training
+    # texts, here far below both, would move a midpoint threshold but not the AUC)
+    labels = np.array([i % 10 == 0 for i in range(40)])
+    score = np.where(labels, 1.0, 0.0) + np.arange(40) * 1e-3
+    score[~labels & (np.arange(40) % 5 != 0)] -= 50  # the training negatives pull the midpoint far down
+    q = held_out_quality(score[:, None], labels, np.array([1.0]))
+    assert q == {"held_out_auc": 1.0, "held_out": [4, 4]}
+    assert held_out_quality(-score[:, None], labels, np.array([1.0]))["held_out_auc"] == 0.0
+    assert held_out_quality(score[:, None], np.zeros(40, bool), np.array([1.0])) == {"held_out_auc": None, "held_out": [8, 0]}

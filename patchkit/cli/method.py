@@ -130,8 +130,8 @@ def _compute_projection(model, output, data, lam, layers, rank, modules, descrip
          "params": s["provenance"]["params"], "directions": q}
     emit(as_json, r, lambda r: click.echo(
         f"wrote {output}: patch {short(r['id'])}, rank-{rank} projection of {len(r['tensors'])} tensor(s), "
-        f"{fmt_bytes(r['bytes'])} (lam {lam}; held-out accuracy of the directions: "
-        + ", ".join(f"layer {k} {v['held_out_accuracy']:.2f}" if v["held_out_accuracy"] is not None else f"layer {k} n/a"
+        f"{fmt_bytes(r['bytes'])} (lam {lam}; held-out AUC of each layer's first direction: "
+        + ", ".join(f"layer {k} {v['held_out_auc']:.2f}" if v.get("held_out_auc") is not None else f"layer {k} n/a"
                     for k, v in sorted(q.items(), key=lambda kv: int(kv[0]))) + ")"))
 
 

@@ -15,8 +15,10 @@ rounded once to the tensor's dtype. Stored as a `lowrank` edit over every row (f
 with exceptions wherever the patch's own arithmetic (docs/format.md) rounds differently from the
 torch computation, so the patch reproduces that computation bit for bit.
 
-Direction quality: each layer's first direction used as a classifier (projection above the midpoint
-of the two class means' projections) on held-out texts (every 5th), recorded in the provenance.
+Direction quality: the area under the ROC curve of each layer's first direction used as a score
+(the projection of a text's features on it) on held-out texts (every 5th, never used for the
+direction), recorded in the provenance with the held-out counts. AUC needs no threshold, so it
+does not collapse to the majority class when the two classes' projections overlap; 0.5 is chance.
 """
 
 from __future__ import annotations
@@ -51,18 +53,22 @@ def mean_difference(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return f[y].mean(axis=0) - f[~y].mean(axis=0)
 
 
-def held_out_accuracy(features: np.ndarray, labels: np.ndarray, u: np.ndarray) -> float | None:
-    train, test = split_indices(len(labels))
-    y = np.asarray(labels).astype(bool)
-    if len(test) == 0 or y[train].all() or not y[train].any():
-        return None
-    p = np.asarray(features, dtype=np.float64) @ np.asarray(u, dtype=np.float64)
-    mid = (p[train][y[train]].mean() + p[train][~y[train]].mean()) / 2
-    return float(np.mean((p[test] > mid) == y[test]))
+def held_out_quality(features: np.ndarray, labels: np.ndarray, u: np.ndarray) -> dict:
+    """{"held_out_auc": AUC of the projection on `u` over the held-out texts (None without both labels
+    there), "held_out": [non-toxic, toxic] counts}."""
+    from .damping import auroc
+
+    _, test = split_indices(len(labels))
+    y = np.asarray(labels).astype(bool)[test]
+    counts = [int((~y).sum()), int(y.sum())]
+    if y.all() or not y.any():
+        return {"held_out_auc": None, "held_out": counts}
+    p = np.asarray(features, dtype=np.float64)[test] @ np.asarray(u, dtype=np.float64)
+    return {"held_out_auc": round(float(auroc(p[:, None], y)[0]), 6), "held_out": counts}
 
 
 def directions_from_features(features: dict[int, np.ndarray], labels, layers, rank: int = 1):
-    """({layer: float32 [hidden, rank] orthonormal}, {layer: held-out accuracy}) from per-layer features
+    """({layer: float32 [hidden, rank] orthonormal}, {layer: held-out quality}) from per-layer features
     (every layer's, keyed by decoder layer index), the class-mean differences on the training split."""
     labels = np.asarray(labels)
     train, _ = split_indices(len(labels))
@@ -76,7 +82,7 @@ def directions_from_features(features: dict[int, np.ndarray], labels, layers, ra
         q, r = np.linalg.qr(np.stack([diffs[m] for m in order], axis=1))
         q = q * np.sign(np.where(np.diag(r) == 0, 1.0, np.diag(r)))[None, :]  # the first column points like diffs[l]
         dirs[l] = np.ascontiguousarray(q, dtype=np.float32)
-        quality[l] = held_out_accuracy(features[l], labels, q[:, 0])
+        quality[l] = held_out_quality(features[l], labels, q[:, 0])
     return dirs, quality
 
 
@@ -178,7 +184,7 @@ def projection_patch(checkpoint, *, lam: float = 1.0, layers=None, rank: int = 1
             edits[name] = projection_edit(ck, name, axis, u, float(lam))
     prov = {"method": "projection",
             "params": {"lam": float(lam), "layers": layers, "rank": int(rank), "modules": sorted(modules)},
-            "directions": {str(l): {"held_out_accuracy": None if quality is None else quality.get(l)} for l in layers}}
+            "directions": {str(l): dict((quality or {}).get(l) or {"held_out_auc": None}) for l in layers}}
     if data_info is not None:
         prov["data"] = data_info
     return Patch(edits=edits, base_model=ck.config.get("_name_or_path") or None, provenance=prov)
