@@ -7,7 +7,7 @@ import click
 
 from patchkit.cli import cli
 from patchkit.core.choices import OnOverlap, values
-from patchkit.evaluation.choices import Goal, Metric
+from patchkit.evaluation.choices import ControlKind, ControlMatch, Goal, Metric
 from patchkit.method.choices import DeviceMap, EditMethod, Modules, Pool, Strategy
 from patchkit.share.choices import AdapterFormat
 
@@ -17,7 +17,8 @@ EXPECTED = {
     ("probe", "pool"): Pool, ("probe", "device_map"): DeviceMap,
     ("tune", "metric"): Metric, ("tune", "goal"): Goal, ("tune", "device_map"): DeviceMap,
     ("tune", "edit_method"): EditMethod, ("tune", "modules"): Modules,
-    ("eval", "device_map"): DeviceMap, ("export", "fmt"): AdapterFormat,
+    ("eval", "device_map"): DeviceMap, ("eval", "control_match"): ControlMatch,
+    ("eval", "control_kinds"): ControlKind, ("export", "fmt"): AdapterFormat,
 }
 
 
@@ -31,13 +32,17 @@ def test_every_choice_option_is_its_enum():
 
 def test_library_checks_use_the_same_enums():
     from patchkit.core.merge import POLICIES
+    from patchkit.evaluation.evaluate import CONTROL_MATCH
     from patchkit.evaluation.tune import GOALS, METRICS
     from patchkit.method.activations import POOLS
     from patchkit.method.select import Strategy as SelectStrategy
 
     assert POLICIES == tuple(values(OnOverlap)) and POOLS == tuple(values(Pool))
     assert METRICS == tuple(values(Metric)) and GOALS == tuple(values(Goal))
-    assert SelectStrategy is Strategy
+    assert SelectStrategy is Strategy and CONTROL_MATCH == tuple(values(ControlMatch))
+    from patchkit.evaluation.controls import CONTROL_KINDS
+
+    assert sorted(values(ControlKind)) == sorted({k for kinds in CONTROL_KINDS.values() for k in kinds})
 
 
 def test_the_library_refuses_a_value_outside_the_enum(tmp_path):

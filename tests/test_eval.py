@@ -279,6 +279,30 @@ def test_qa_exact_match(tiny, tmp_path):
     assert r.conditions[0].qa["n"] == 1 and r.conditions[0].qa["exact_match"] == 0.0
 
 
+def test_controls_are_matched_to_the_patchs_kl_by_default(tiny):
+    from patchkit.evaluation.matching import KL_TOLERANCE
+
+    r = _run(tiny, controls=True)
+    assert r.settings["control_match"] == "kl"
+    patch, controls = r.conditions[1], r.conditions[2:]
+    for c in controls:  # matched, or said not to be in the label
+        close = abs(math.log(c.capability["kl"] / patch.capability["kl"])) < KL_TOLERANCE
+        assert close or "KL not matched" in c.label, (c.label, c.capability["kl"], patch.capability["kl"])
+        assert f"strength x{c.strength:.3g}" in c.label
+    assert any(abs(math.log(c.capability["kl"] / patch.capability["kl"])) < KL_TOLERANCE for c in controls)
+    same = _run(tiny, controls=True, control_match="strength")
+    assert [c.strength for c in same.conditions[2:]] == [1.0, 1.0] and same.settings["control_match"] == "strength"
+    assert [c.edit_norm for c in same.conditions[2:]] == pytest.approx([patch.edit_norm] * 2, rel=1e-3)
+    with pytest.raises(DataError, match="benign text"):
+        _run(tiny, controls=True, benign=None)
+    with pytest.raises(DataError, match="control_match"):
+        _run(tiny, controls=True, control_match="norm")
+    only = _run(tiny, controls=True, control_match="strength", control_kinds=["random-rows"])
+    assert [c.kind for c in only.conditions] == ["base", "patch", "random-rows"] and only.settings["control_kinds"] == ["random-rows"]
+    with pytest.raises(DataError, match="control kinds"):
+        _run(tiny, controls=True, control_kinds=["random-layers"])
+
+
 def test_report_and_attach(tiny, tmp_path):
     r = _run(tiny, controls=True)
     page = write_report(r, tmp_path / "report")

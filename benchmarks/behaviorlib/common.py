@@ -118,38 +118,14 @@ def edit_ratio(model, patch) -> float:
 def match_kl(cap, make, target_kl, alpha0, anchor=None, lo_bound=None, hi_bound=None):
     """A strength for a control (make(strength) -> patch) whose KL is within KL_TOL of target_kl (log
     scale), starting at alpha0 and kept within a factor 16 of ``anchor`` (default alpha0) and inside
-    [lo_bound, hi_bound] when given. Returns ((strength, capability, patch), KL at alpha0, evaluations)."""
+    [lo_bound, hi_bound] when given: patchkit.evaluation.matching.match_kl, the search `patchkit eval
+    --controls` runs. Returns ((strength, capability, patch), KL at alpha0, evaluations)."""
+    from patchkit.evaluation.matching import match_kl as search
+
     anchor = alpha0 if anchor is None else anchor
-    lo_b = anchor / 16 if lo_bound is None else lo_bound
-    hi_b = anchor * 16 if hi_bound is None else hi_bound
-    pts = []
-    a = alpha0
-    for _ in range(KL_EVALS):
-        p = make(a)
-        c = cap(p)
-        pts.append((a, c, p))
-        err = math.log(max(c["kl"], 1e-12) / target_kl)
-        if abs(err) < KL_TOL:
-            break
-        lo = [q for q in pts if q[1]["kl"] < target_kl]
-        hi = [q for q in pts if q[1]["kl"] > target_kl]
-        slope = 2.0  # KL grows ~ alpha^2 for a small edit
-        if len(pts) >= 2:
-            (a1, c1, _), (a2, c2, _) = pts[-2], pts[-1]
-            if a1 != a2 and c1["kl"] > 0 and c2["kl"] > 0:
-                s = math.log(c2["kl"] / c1["kl"]) / math.log(a2 / a1)
-                slope = min(4.0, max(0.5, s)) if math.isfinite(s) else 2.0
-        nxt = a * math.exp(-err / slope)
-        if lo and hi:  # bracketed: stay inside, else bisect in log alpha
-            a_lo, a_hi = max(q[0] for q in lo), min(q[0] for q in hi)
-            if not min(a_lo, a_hi) < nxt < max(a_lo, a_hi):
-                nxt = math.sqrt(a_lo * a_hi)
-        nxt = min(hi_b, max(lo_b, nxt))
-        if nxt == a:  # pinned at a bound
-            break
-        a = nxt
-    best = min(pts, key=lambda q: abs(math.log(max(q[1]["kl"], 1e-12) / target_kl)))
-    return best, pts[0][1]["kl"], len(pts)
+    bounds = (anchor / 16 if lo_bound is None else lo_bound, anchor * 16 if hi_bound is None else hi_bound)
+    m = search(cap, make, target_kl, alpha0, tol=KL_TOL, max_evaluations=KL_EVALS, bounds=bounds)
+    return (m.strength, m.capability, m.patch), m.kl_at_start, m.evaluations
 
 
 def run_tox(model, tok, patch, prompts, samples, judges, seed=0):

@@ -8,7 +8,7 @@ import json
 
 import click
 
-from ..evaluation.choices import Goal, Metric
+from ..evaluation.choices import ControlKind, ControlMatch, Goal, Metric
 from ..method.choices import EditMethod, Modules
 from ..evaluation.settings import COMMAND_DEFAULTS, RunSettings
 from ._common import CommandFailed, choice, emit, json_option, options_from, short
@@ -25,13 +25,19 @@ from ._common import CommandFailed, choice, emit, json_option, options_from, sho
 @click.option("--control-data", help="The labelled data a projection patch was made from (FILE or builtin:NAME), for its "
               "label-shuffled control when the file its provenance names is not here.")
 @click.option("--control-seeds", type=click.IntRange(1), default=3, show_default=True, help="Seeds of each control kind.")
+@click.option("--control-match", type=choice(ControlMatch), default="kl", show_default=True,
+              help="kl: search each control's strength until its next-token KL on the benign text is the patch's "
+              "(matched damage); strength: build it at the patch's strength.")
+@click.option("--control-kind", "control_kinds", multiple=True, type=choice(ControlKind),
+              help="Only controls of this kind (repeat; default: every kind that fits each patch's method).")
 @click.option("--control-samples", is_flag=True, help="Sample the controls too (default: their greedy continuations only).")
 @click.option("--qa", type=click.Path(exists=True, dir_okay=False), help="JSONL of question/answer pairs: exact-match accuracy.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write an HTML report (and result.json) here.")
 @click.option("--attach", is_flag=True, help="Write PATCH.eval.safetensors beside each patch, with the numbers stored in it.")
 @click.option("--overwrite", is_flag=True, help="With --attach: replace an existing PATCH.eval.safetensors.")
 @json_option
-def eval_(model, patches, judges, judge_label, greedy, controls, control_data, control_seeds, control_samples, qa, report_dir, attach,
+def eval_(model, patches, judges, judge_label, greedy, controls, control_data, control_seeds, control_match, control_kinds,
+          control_samples, qa, report_dir, attach,
           overwrite, as_json, **settings):
     """Measure what PATCHes do to MODEL: judged continuations of prompts, perplexity and KL on benign text.
 
@@ -52,8 +58,12 @@ def eval_(model, patches, judges, judge_label, greedy, controls, control_data, c
         OutputExistsError.check(o, overwrite)
     if control_data and not controls:
         raise CommandFailed("--control-data is for --controls", 2)
+    if control_kinds and not controls:
+        raise CommandFailed("--control-kind is for --controls", 2)
     r = evaluate(model, paths, judges=list(judges) or ["lexical"], controls=controls, control_data=control_data, qa=qa,
-                 greedy=greedy, control_seeds=control_seeds, control_samples=control_samples, judge_label=judge_label,
+                 greedy=greedy, control_seeds=control_seeds, control_match=control_match,
+                 control_kinds=list(control_kinds) or None, control_samples=control_samples,
+                 judge_label=judge_label,
                  log=None if as_json else (lambda m: click.echo(m, err=True)), **RunSettings(**settings).kwargs())
     out = r.to_dict()
     if report_dir:

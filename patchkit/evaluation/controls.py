@@ -282,7 +282,7 @@ def model_rows(model):
 
     def rows_of(name: str, rows) -> np.ndarray | None:
         t = tensor_for(tensors, name)
-        return None if t is None else raw_rows(row_view(t)[torch.from_numpy(np.asarray(rows, dtype=np.int64))], DTYPE_NAMES[t.dtype])
+        return None if t is None else raw_rows(row_view(t)[torch.from_numpy(np.array(rows, dtype=np.int64))], DTYPE_NAMES[t.dtype])
     return rows_of
 
 

@@ -24,9 +24,12 @@ from ..core.patchfile import Patch
 from ..core.plan import load_patch
 from ..errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from . import judges as J
+from ..core.choices import values
 from .capability import CapabilityMeter
+from .choices import ControlKind, ControlMatch
 from .comparisons import compare_conditions, condition_metrics, judge_quality, per_prompt  # noqa: F401
-from .controls import edit_norm, make_controls, model_rows, projection_features, rows_intact  # noqa: F401 (re-exported)
+from .controls import control_builders, edit_norm, make_controls, model_rows, projection_features, rows_intact  # noqa: F401
+from .matching import match_kl
 from .inmemory import patched
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
@@ -39,6 +42,7 @@ from .judges import (  # noqa: F401 (re-exported)
     token_nll,
 )
 
+CONTROL_MATCH = tuple(values(ControlMatch))
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -105,6 +109,7 @@ class Condition:
     rows: int = 0
     edit_norm: float = 0.0
     seed: int | None = None  # of a control
+    strength: float | None = None  # of a control: times its patch's strength (searched when its KL is matched)
     continuations: list[list[str]] = field(default_factory=list)  # [prompt][greedy first (if any), then the samples]
     scores: dict[str, list[list[float]]] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
@@ -139,7 +144,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
              benign: str | Sequence[str] | None = "builtin:benign-requests", judges: Sequence = ("lexical",),
              samples: int = 4, temperature: float = 0.9, max_new_tokens: int = 20, batch_size: int = 16,
              controls: bool = False, qa=None, seed: int = 0, *, greedy: bool = True, control_seeds: int = 3,
-             control_samples: bool = False, control_data=None,
+             control_samples: bool = False, control_data=None, control_match: str = "kl", control_kinds: Sequence[str] | None = None,
              limit: int | None = None, benign_limit: int | None = 32, judge_label: str | None = None,
              judge_check: str | None = None, force_judge: bool = False, chat: bool | None = None, n_boot: int = 4000,
              alpha: float = 0.05, device_map: str | None = None, max_memory: str | None = None,
@@ -147,7 +152,10 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
     """Evaluate ``patches`` (each a Patch, a path or ``hf://``) on the model at ``model_path`` (a folder, Hub id
     or ``embedded``); see the module doc. ``device_map`` and ``max_memory`` go to ``pipeline.load_model``.
     ``control_data`` (a file or ``builtin:NAME``) is the data a projection patch was made from, for its
-    label-shuffled control, when the patch's provenance names a file that is not here."""
+    label-shuffled control, when the patch's provenance names a file that is not here. ``control_match``:
+    ``kl`` searches each control's strength until its next-token KL on the benign text is the patch's
+    (evaluation.matching); ``strength`` builds it at the patch's own strength. ``control_kinds`` keeps only
+    the controls of those kinds (evaluation.controls.CONTROL_KINDS), default all that fit each patch."""
     from ..core.checkpoint import Checkpoint
     from ..method.pipeline import load_data, load_model, resolve_model
 
@@ -157,6 +165,11 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         samples, greedy = 0, True
     if not greedy and samples < 1:
         raise DataError("nothing to generate: ask for greedy continuations or samples")
+    if control_match not in CONTROL_MATCH:
+        raise DataError(f"control_match must be one of {', '.join(CONTROL_MATCH)}, not {control_match!r}")
+    known = values(ControlKind)
+    if control_kinds is not None and (not control_kinds or set(control_kinds) - set(known)):
+        raise DataError(f"control kinds must be some of {', '.join(known)}, not {', '.join(control_kinds) or 'none'}")
     path = resolve_model(model_path).path
     fingerprint = Checkpoint(path).fingerprint()
     loaded = [load_patch(p) for p in patches]
@@ -190,14 +203,19 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
 
     conds: list[tuple[Condition, Patch | None]] = [(Condition("base", "base", label="base"), None)]
     base_rows = model_rows(model)  # the size of a scale edit needs the base rows
+    meter = None
+    if controls and control_match == "kl" and loaded:
+        if not benign_list:
+            raise DataError("matching the controls' KL needs benign text; give some, or match their strength instead")
+        meter = CapabilityMeter(model, tok, benign_list, batch_size)
     for p in loaded:
         conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p, base_rows)), p))
-        # a projection patch's label-shuffled controls share one pass over its data's features
-        feats = projection_features(model, p, data=control_data and load_data(control_data)) if (
-            controls and (p.provenance or {}).get("method") == "projection") else None
-        for s in range(seed, seed + control_seeds) if controls else ():
-            for kind, c in make_controls(model, p, s, features=feats):
-                conds.append((Condition(f"{p.id[:12]}/{kind}#{s}", kind, c.id, p.id, f"{kind} control, seed {s}", c.rows, edit_norm(c, base_rows), s), c))
+        if controls:
+            # a projection patch's label-shuffled controls share one pass over its data's features
+            wanted = set(control_kinds or known)
+            feats = projection_features(model, p, data=control_data and load_data(control_data)) if (
+                (p.provenance or {}).get("method") == "projection" and "label-shuffled" in wanted) else None
+            conds += _control_conditions(model, p, range(seed, seed + control_seeds), feats, meter, base_rows, say, wanted)
     gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
     for cond, p in conds:
         t0 = time.monotonic()
@@ -223,13 +241,15 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
     with _judge_view(model, judge_objs):
         judge_info = _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say)
     if benign_list:
-        _capability(model, tok, benign_list, conds, batch_size)
+        _capability(meter or CapabilityMeter(model, tok, benign_list, batch_size), conds)
         say("capability measured on benign text")
     intact = all(rows_intact(model, p) for _c, p in conds if p is not None)
     comparisons, power = compare_conditions([c for c, _ in conds], judge_objs, greedy, samples, n_boot, seed, alpha)  # noqa: E501
     settings = {"greedy": greedy, "samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "controls": controls, "control_seeds": control_seeds if controls else 0,
                 "control_samples": bool(controls and (control_samples or not greedy) and samples), "seed": seed,
+                "control_match": control_match if controls else None,
+                "control_kinds": sorted(control_kinds) if controls and control_kinds else None,
                 "chat": use_chat, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "n_boot": n_boot,
                 "alpha": alpha, "judge_check": judge_check, "force_judge": force_judge}
     sources = {"prompts": prompt_src, "benign": benign_src, "qa": str(qa) if qa else None}
@@ -279,9 +299,32 @@ def _judge_view(model, judge_objs):
         yield
 
 
-def _capability(model, tok, texts: list[str], conds, batch_size: int) -> None:
-    """Perplexity of each condition on ``texts``, and mean next-token KL(base || condition)."""
-    meter = CapabilityMeter(model, tok, texts, batch_size)
+def _control_conditions(model, patch: Patch, seeds, feats, meter, base_rows, say, kinds) -> list[tuple[Condition, Patch]]:
+    """The patch's controls (evaluation.controls, by its method), one per kind and seed: at the strength
+    whose KL matches the patch's when `meter` is given (each seed starts from the previous seed's), else
+    at the patch's own strength."""
+    out, start = [], {}
+    target = meter.measure(patch)["kl"] if meter is not None else None
+    for s in seeds:
+        for kind, build in control_builders(model, patch, s, features=feats):
+            if kind not in kinds:
+                continue
+            if meter is None:
+                c, strength, label = build(1.0), 1.0, f"{kind} control, seed {s}"
+            else:
+                m = match_kl(meter.measure, build, target, start.get(kind, 1.0))
+                start[kind] = m.strength
+                c, strength = m.patch, m.strength
+                label = f"{kind} control, seed {s}, strength x{m.strength:.3g}" + ("" if m.matched else " (KL not matched)")
+                say(f"control {kind} #{s} of {patch.id[:12]}: strength x{m.strength:.3g}, KL {m.capability.get('kl') or 0:.4g} "
+                    f"for the patch's {target or 0:.4g} ({m.evaluations} evaluations)")
+            out.append((Condition(f"{patch.id[:12]}/{kind}#{s}", kind, c.id, patch.id, label, c.rows, edit_norm(c, base_rows), s,
+                                  strength=strength), c))
+    return out
+
+
+def _capability(meter: CapabilityMeter, conds) -> None:
+    """Perplexity of each condition on the meter's texts, and mean next-token KL(base || condition)."""
     for c, p in conds:
         c.capability = meter.base if p is None else meter.measure(p)
 
