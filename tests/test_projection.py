@@ -114,6 +114,12 @@ def test_cli_compute_method_projection(zoo, tmp_path, cli_runner):  # noqa: F811
     assert r.exit_code == 2 and "needs --data" in r.output
     r = cli_runner("compute", base, "-o", tmp_path / "q.safetensors")
     assert r.exit_code == 2 and "needs --probe" in r.output
+    r = cli_runner("compute", base, "--method", "projection", "--data", data, "--layers", "0-1", "--modules", "attn",
+                   "-o", tmp_path / "r.safetensors")
+    assert r.exit_code == 0, r.output
+    assert sorted(Patch.load(tmp_path / "r.safetensors").edits) == [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)]
+    r = cli_runner("compute", base, "--method", "projection", "--data", data, "--layers", "1-x", "-o", tmp_path / "s.safetensors")
+    assert r.exit_code != 0 and "ranges such as 15-29" in r.output and not (tmp_path / "s.safetensors").exists()
 
 
 def test_layer_features_in_one_pass_equal_extract_features_per_layer(zoo):  # noqa: F811

@@ -80,7 +80,7 @@ def probe(model, data, output, text_field, label_field, behavior, layer, pool, l
                    "neurons whose activation tells the labels apart (AurA, scale edits of up_proj rows, format v1.1).")
 @click.option("--data", help="With --method projection or damping: labelled texts (a file, or builtin:toxicity and the like).")
 @click.option("--lam", type=float, default=1.0, show_default=True, help="With --method projection: strength (1 removes the directions).")
-@click.option("--layers", help="With --method projection or damping: decoder layers to edit, comma-separated (default: all).")
+@click.option("--layers", help="With --method projection or damping: decoder layers to edit, 15-29 or 15,16,... (default: all).")
 @click.option("--rank", type=click.IntRange(1, 64), default=1, show_default=True, help="With --method projection: directions per layer.")
 @click.option("--modules", type=choice(Modules), default="both", show_default=True,
               help="With --method projection: which residual writers to edit (down_proj, o_proj and their equivalents).")
@@ -153,13 +153,12 @@ def _compute_damping(model, output, data, fraction, layers, description, as_json
 
 
 def _layers(layers: str | None, data: str | None, method: str) -> list[int] | None:
-    """--layers as numbers (None: all); --data is required by projection and damping."""
+    """--layers as numbers, 15-29 or 15,16,... (None: all); --data is required by projection and damping."""
+    from ..method.targets import parse_layers
+
     if not data:
         raise CommandFailed(f"--method {method} needs --data (labelled texts, e.g. builtin:toxicity)", 2)
-    try:
-        return None if not layers else [int(x) for x in layers.split(",") if x.strip()]
-    except ValueError:
-        raise CommandFailed(f"--layers must be comma-separated layer numbers, not {layers!r}", 2) from None
+    return parse_layers(layers) if layers else None
 
 
 def _save(patch, description: str | None, output: str) -> dict:

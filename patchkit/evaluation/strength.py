@@ -29,7 +29,7 @@ from ..method.choices import EditMethod
 from ..method.damping import UP, auroc, damping_patch, neuron_activations
 from ..method.pipeline import load_data
 from ..method.projection import directions_from_features, layer_features, projection_patch
-from ..method.targets import residual_writers
+from ..method.targets import parse_layers, residual_writers  # noqa: F401 (parse_layers re-exported)
 from . import evaluate as E
 
 METHODS = tuple(values(EditMethod))
@@ -122,22 +122,6 @@ def to_judge(table: Sequence[Measured], group: Callable, size: Callable) -> list
         if top is not None and top.stage == "refine":
             out.append(top)
     return out
-
-
-def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
-    """'15-29', '15,16,17' or '1,3-5' (or numbers) -> sorted layer numbers; None: every layer."""
-    if text is None or not isinstance(text, str):
-        return None if text is None else sorted({int(x) for x in text})
-    out: set[int] = set()
-    try:
-        for part in (x.strip() for x in text.split(",") if x.strip()):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise DataError(f"layers must be numbers or ranges such as 15-29 or 15,16, not {text!r}") from None
-    if not out or min(out) < 0:
-        raise DataError(f"layers must be numbers or ranges such as 15-29 or 15,16, not {text!r}")
-    return sorted(out)
 
 
 class StrengthSearch:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.checkpoint import Checkpoint
-from ..errors import UnsupportedError
+from ..errors import DataError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -245,3 +246,19 @@ def resolve_targets(ck: Checkpoint, target: str | None = None, axis: int = 0) ->
         )
     axes = {lay.axis for lay in layouts}
     return Targets(tuple(n for _, n, _ in found), tuple(l if l >= 0 else None for l, _, _ in found), axes.pop(), family, layouts)
+
+
+def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
+    """'15-29', '15,16,17' or '1,3-5' (or numbers) -> sorted layer numbers; None: every layer."""
+    if text is None or not isinstance(text, str):
+        return None if text is None else sorted({int(x) for x in text})
+    out: set[int] = set()
+    try:
+        for part in (x.strip() for x in text.split(",") if x.strip()):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise DataError(f"layers must be numbers or ranges such as 15-29 or 15,16, not {text!r}") from None
+    if not out or min(out) < 0:
+        raise DataError(f"layers must be numbers or ranges such as 15-29 or 15,16, not {text!r}")
+    return sorted(out)
