@@ -239,6 +239,27 @@ def test_probe_judge_reads_the_base(tiny):
     assert got == pytest.approx(want, abs=1e-6) and len(s) == 2
 
 
+def test_float32_view_leaves_the_model_exactly_as_it_was(tiny):
+    """Buffers too: the rotary inv_freq of a bf16 Llama is float32, and a round trip through bf16 would
+    round it, changing every logit after the first position (and every later generation)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["ckpt"], dtype=torch.bfloat16).eval()
+    tok = helpers.make_tokenizer()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    assert any(b.dtype == torch.float32 for b in buffers.values())  # what makes the case
+    enc = tok(["hate people now and then", "kind dog"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits
+        with float32_view(model):
+            assert next(model.parameters()).dtype == torch.float32
+        after = model(**enc).logits
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for n, b in model.named_buffers():
+        assert b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]), n
+    assert torch.equal(before, after)
+
+
 def test_self_judging_probe_refused_unless_forced(tiny):
     with pytest.raises(ProbeError, match="own edit"):
         _run(tiny, judges=[f"probe:{tiny['probe']}"], benign=None)

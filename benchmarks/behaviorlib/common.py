@@ -104,7 +104,7 @@ def edit_ratio(model, patch) -> float:
     dn = rn = n = 0.0
     for name, e in patch.edits.items():
         w = tensors[name].data
-        rows = w.view(-1, w.shape[-1])[torch.from_numpy(np.asarray(e.rows, dtype=np.int64))].float()
+        rows = w.view(-1, w.shape[-1])[torch.from_numpy(np.array(e.rows, dtype=np.int64))].float()
         norms = rows.norm(dim=1).double().numpy()
         rn += float(norms.sum())
         if e.encoding == "scale":  # w <- gamma * w: the change is |gamma - 1| * ||w||

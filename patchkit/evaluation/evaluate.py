@@ -84,18 +84,24 @@ def generate_batched(model, tok, prompts: Sequence[str], max_new_tokens: int = 3
 
 @contextmanager
 def float32_view(model):
-    """The model in float32 inside the block, and back to its dtype after: bit-exact both ways
-    for bf16 and fp16 (widening is exact), so a judge reads features as probes are trained. A model
-    accelerate placed (offloaded) cannot be moved and is used as it is."""
+    """The model in float32 inside the block, and exactly as it was after: its parameters go back to
+    their dtype (bit-exact for bf16 and fp16: widening is exact) and its buffers are put back as the
+    very tensors they were (a float32 buffer of a bf16 model, such as the rotary embedding's
+    `inv_freq`, would otherwise come back rounded to bf16 and change every later generation). A
+    judge then reads features as probes are trained. A model accelerate placed (offloaded) cannot be
+    moved and is used as it is."""
     if getattr(model, "hf_device_map", None):  # placed by accelerate: it cannot be moved; judged as it is
         yield model
         return
     dtype = next(model.parameters()).dtype
+    buffers = [(module, name, buf) for module in model.modules() for name, buf in module.named_buffers(recurse=False)]
     model.to(torch.float32)
     try:
         yield model
     finally:
         model.to(dtype)
+        for module, name, buf in buffers:  # .to() made new tensors; the originals are untouched
+            setattr(module, name, buf)
 
 
 # ------------------------------------------------------------------------------------------ result
