@@ -70,9 +70,10 @@ QUICK_PARTS = ("base", "toxigen-paper") + QUICK_CONDITIONS
 # the default run: the base, both shipped patches, the paper's recipe with the self-labelled probe
 # (the issue of judge-labelled probe data) and damping; --parts all adds the variants
 DEFAULT_PARTS = ("base", "toxigen-paper", "self-paper", "proj-self-file", "damp-self")
-# rough relative cost of each part (minutes of one process on a quiet machine, 5 samples), to balance --jobs
-PART_COST = {"base": 11, "proj-self-file": 6, "damp-self": 8, "proj-self": 8, "proj-self-35": 8,
-             "proj-self-attn": 9, "proj-toxigen": 9}  # each paper part: 9
+# rough relative cost of each part (minutes of one process, 5 samples, measured here), to balance --jobs
+PART_COST = {"base": 7, "proj-self-file": 8, "damp-self": 10, "proj-self": 10, "proj-self-35": 10,
+             "proj-self-attn": 11, "proj-toxigen": 11}  # each paper part (a probe, the patch, 6 controls): 17
+PAPER_COST = 17
 
 
 class Saving(list):
@@ -274,10 +275,10 @@ def split_parts(parts, jobs):
     """Parts over `jobs` groups, the costliest first onto the lightest group ("base" stays first in its group)."""
     groups = [[] for _ in range(min(jobs, len(parts)))]
     load = [0.0] * len(groups)
-    for p in sorted(parts, key=lambda p: -PART_COST.get(p, 9)):
+    for p in sorted(parts, key=lambda p: -PART_COST.get(p, PAPER_COST)):
         i = load.index(min(load))
         groups[i].append(p)
-        load[i] += PART_COST.get(p, 9)
+        load[i] += PART_COST.get(p, PAPER_COST)
     return [sorted(g, key=PARTS.index) for g in groups]
 
 
