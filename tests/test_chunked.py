@@ -1,10 +1,12 @@
-"""Memory of apply and revert follows the touched rows, not the checkpoint.
+"""Memory of apply and revert follows one tensor's touched rows, not the checkpoint nor the patch.
 
 Measured with tracemalloc (numpy's buffers are traced), in this process, on a checkpoint with one
-large tensor (16 MB) and eight smaller ones. Untouched bytes must never be read into memory; the
-touched rows are held at most a small multiple over. The last test states the target of processing
-the rows a tensor at a time (peak below the touched bytes): it fails until planning stops holding
-every tensor's old and new rows at once.
+large tensor (16 MB) and eight smaller ones. Untouched bytes are never read into memory. The touched
+rows are processed a tensor at a time: planning keeps only their hashes, and writing reads each
+tensor's rows again, checks them and makes its new rows just before they are written, the undo
+record and the journal being streamed to their files tensor by tensor. So the peak is a few copies
+of one tensor's touched rows per thread (PATCHKIT_THREADS), whatever the number of tensors: below
+the touched bytes once a patch touches more tensors than that, and flat as it touches more.
 """
 
 from __future__ import annotations
@@ -89,8 +91,61 @@ def test_memory_grows_with_touched_rows_not_beyond_a_few_copies(ckpt, tmp_path):
     assert weight_files(ckpt) == before
 
 
-@pytest.mark.xfail(strict=True, reason="planning (core/plan.py) holds every tensor's old and new rows at once; "
-                   "processing them a tensor at a time would bring the peak below the touched bytes")
-def test_rows_are_processed_a_tensor_at_a_time(ckpt, tmp_path):
+def test_rows_are_processed_a_tensor_at_a_time(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHKIT_THREADS", "2")  # each thread holds one tensor's rows: fix how many
     path, touched = patch_for(ckpt, {name: n for name, n in SMALL}, tmp_path / "p.safetensors")
     assert peak(lambda: ops.apply(path, ckpt, in_place=True)) < touched
+
+
+def modes(path, ckpt, out):
+    return [
+        ("apply -o", lambda: ops.apply(path, ckpt, out, overwrite=True)),
+        ("apply --in-place", lambda: ops.apply(path, ckpt, in_place=True)),
+        ("revert --in-place", lambda: ops.revert(path, ckpt, in_place=True)),
+    ]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_every_mode_stays_below_the_touched_bytes_and_flat_in_the_tensors_touched(ckpt, tmp_path, monkeypatch, threads):
+    """apply -o, apply --in-place and revert --in-place: with 8 tensors touched the peak is below the
+    touched bytes, and on one thread no higher than with 4 (holding every tensor's rows, it would
+    double; with more threads it depends on which tensors the threads hold at the same moment)."""
+    monkeypatch.setenv("PATCHKIT_THREADS", threads)
+    before = weight_files(ckpt)
+    peaks = {}
+    for n_tensors in (4, 8):
+        path, touched = patch_for(ckpt, {name: n for name, n in SMALL[:n_tensors]}, tmp_path / f"p{n_tensors}.safetensors")
+        for label, fn in modes(path, ckpt, tmp_path / "out"):
+            peaks[label, n_tensors] = used = peak(fn)
+            if n_tensors == 8:
+                assert used < touched, f"{label}: peak {used / MB:.1f} MB for {touched / MB:.0f} MB of rows"
+        assert weight_files(ckpt) == before
+    one_tensor = 512 * COLS * 2
+    for label, _ in modes(None, ckpt, None) if threads == "1" else []:
+        grown = peaks[label, 8] - peaks[label, 4]
+        assert grown < one_tensor / 4, f"{label}: {peaks[label, 4] / MB:.1f} MB for 4 tensors, {peaks[label, 8] / MB:.1f} for 8"
+
+
+def test_a_write_rolled_back_holds_a_tensor_at_a_time_too(ckpt, tmp_path, monkeypatch):
+    """A write that fails once the rows are written is rolled back from the undo record, read back
+    and checked a tensor at a time (not loaded whole)."""
+    from patchkit.core import state as st
+    from patchkit.errors import CheckpointError
+
+    monkeypatch.setenv("PATCHKIT_THREADS", "2")
+    path, touched = patch_for(ckpt, {name: n for name, n in SMALL}, tmp_path / "p.safetensors")
+    before = weight_files(ckpt)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_state", disk_full)
+    failed = []
+
+    def apply():
+        with pytest.raises(CheckpointError, match="rolled back") as ei:
+            ops.apply(path, ckpt, in_place=True)
+        failed.append(ei.value)
+
+    assert peak(apply) < touched and failed
+    assert weight_files(ckpt) == before

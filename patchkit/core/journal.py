@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, LockedError
-from .records import read_record, regular_file, row_arrays, rows_from_arrays, write_record
+from .records import Deferred, Stored, read_record, regular_file, row_arrays, rows_from_arrays, write_record
 from .state import ID, State, checked_state_dir, collect_garbage, load_state, read_undo, save_state, state_dir
 from .stfile import STFormatError, write_rows
 
@@ -77,9 +77,10 @@ def lock_holder(fd: int) -> int | None:
 # - "rows": revert. The journal holds, per tensor, the rows about to be overwritten and their current
 #   bytes; recovery writes them back and restores the state before.
 def write_journal(ckpt_path: Path, state_before: State, *, undo_ids: list[str] | None = None,
-                  rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, fsync: bool = True) -> None:
+                  rows: dict[str, tuple[np.ndarray, np.ndarray | Deferred]] | None = None, fsync: bool = True) -> None:
     """undo_ids: patches whose undo records roll the write back; or rows: tensor name -> (row
-    indices, their current bytes uint8 [n, row_bytes])."""
+    indices, their current bytes uint8 [n, row_bytes], or a `records.Deferred` that reads them when
+    the journal is written, so that one tensor's rows are in memory at a time)."""
     meta = {
         "format": "patchkit.journal",
         "mode": "undo" if undo_ids is not None else "rows",
@@ -110,11 +111,12 @@ def _invalid(p: Path, why: str) -> CheckpointError:
 
 
 def rollback_plan(ckpt_path: Path, ckpt) -> tuple[State, list[dict]] | None:
-    """Check the journal and return (the state before, the row records to write back, in order);
-    None when the journal was never committed. Raises when it cannot be trusted."""
+    """Check the journal and return (the state before, the row records to write back, in order, their
+    bytes left in their files as `records.Stored`); None when the journal was never committed.
+    Raises when it cannot be trusted."""
     p = state_dir(ckpt_path) / JOURNAL
     try:
-        meta, arrays = read_record(p, "patchkit.journal")
+        meta, arrays = read_record(p, "patchkit.journal", lazy=True)
     except STFormatError:
         return None
     mode = meta.get("mode")
@@ -134,7 +136,7 @@ def rollback_plan(ckpt_path: Path, ckpt) -> tuple[State, list[dict]] | None:
         raise _invalid(p, "an undo journal holds rows")
     records = []
     for pid in reversed(undo_ids):
-        rec = read_undo(ckpt_path, pid, ckpt)
+        rec = read_undo(ckpt_path, pid, ckpt, lazy=True)
         if rec is None:
             raise _invalid(p, f"the undo record of patch {pid[:12]} it names is missing")
         records.append(rec)
@@ -142,12 +144,13 @@ def rollback_plan(ckpt_path: Path, ckpt) -> tuple[State, list[dict]] | None:
 
 
 def write_back(ckpt, records: list[dict], fsync: bool = True) -> None:
-    """Write checked row records into the checkpoint's files, in order."""
+    """Write checked row records into the checkpoint's files, in order, a tensor's rows at a time
+    (read again from the record, and checked against its checksum, just before they are written)."""
     for record in records:
         for name, (rows, raw) in record.items():
             info = ckpt.info(name)
             with open(info.file, "r+b") as f:
-                write_rows(info, rows, raw, f)
+                write_rows(info, rows, raw.read() if isinstance(raw, Stored) else raw, f)
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())

@@ -1,8 +1,9 @@
 """apply, revert and status on checkpoint folders: plan first (every check, no write), then do.
 
-Only the touched rows are ever in memory. With an output folder, untouched shards are copied (or
-hard-linked) and touched shards are copied and then have their rows rewritten; in place, only the
-touched rows' bytes are rewritten, under a journal (see `patchkit.core.journal`). Planning lives in
+Only the touched rows are ever in memory, one tensor's at a time (per thread). With an output
+folder, untouched shards are copied (or hard-linked) and touched shards are copied and then have
+their rows rewritten; in place, only the touched rows' bytes are rewritten, under a journal (see
+`patchkit.core.journal`). Planning lives in
 `patchkit.core.plan`, writing in `patchkit.core.writes`; this module holds the locks and the order of steps.
 """
 

@@ -1,13 +1,15 @@
 """Planning apply and revert on checkpoint folders: every check, every new row computed, no write.
 
-A `Plan` holds the rows it would change per tensor (over the bytes on disk), the undo records it
-would keep and the state after; `patchkit.core.writes` carries it out. Only the touched rows are ever
-in memory.
+A `Plan` holds, per tensor, the rows it would change and the steps that make their new bytes, with
+the hashes of the rows before and after each step (`patchkit.core.chunks`), the undo records it would
+keep and the state after; `patchkit.core.writes` carries it out. Planning reads, hashes and computes
+the touched rows a tensor at a time and keeps none of their bytes: writing makes them again, checked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,10 @@ import numpy as np
 from ..errors import BaseMismatchError, CheckpointError, NonFiniteError, StateError, UnsupportedError
 from . import state as st
 from .checkpoint import Checkpoint
+from .chunks import Overlay, Step
 from .dtypes import is_finite, sub_delta, to_float, ulp
 from .parallel import map_ordered
 from .patchfile import Patch, rows_hash
-from .stfile import open_regular
 
 
 def load_patch(p) -> Patch:
@@ -35,47 +37,6 @@ def short(pid: str) -> str:
     return pid[:12]
 
 
-class _Overlay:
-    """The rows a plan has changed so far, per tensor, over the checkpoint's bytes on disk."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.rows: dict[str, np.ndarray] = {}
-        self.raw: dict[str, np.ndarray] = {}
-        self.disk: dict[str, np.ndarray] = {}  # bytes on disk for self.rows (for the journal)
-
-    def read_disk(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """The rows' bytes on disk, all runs of rows read through one open handle."""
-        with open_regular(self.ckpt.info(name).file) as f:
-            return self.ckpt.read_rows(name, rows, f)
-
-    def read(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the rows as the plan has left them so far, the rows on disk)."""
-        disk = self.read_disk(name, rows)
-        if name not in self.rows:
-            return disk, disk  # neither is ever written to
-        out = disk.copy()
-        pos = np.searchsorted(self.rows[name], rows)
-        pos = np.minimum(pos, len(self.rows[name]) - 1)
-        hit = self.rows[name][pos] == rows
-        out[hit] = self.raw[name][pos[hit]]
-        return out, disk
-
-    def write(self, name: str, rows: np.ndarray, raw: np.ndarray, disk: np.ndarray) -> None:
-        """Record new bytes for `rows`; `disk` is their bytes on disk (from `read`)."""
-        if name not in self.rows:
-            self.rows[name], self.raw[name], self.disk[name] = rows.copy(), raw, disk
-            return
-        all_rows = np.union1d(self.rows[name], rows)
-        new_raw = np.empty((len(all_rows), raw.shape[1]), dtype=np.uint8)
-        new_disk = np.empty_like(new_raw)
-        old_pos = np.searchsorted(all_rows, self.rows[name])
-        new_raw[old_pos], new_disk[old_pos] = self.raw[name], self.disk[name]
-        pos = np.searchsorted(all_rows, rows)
-        new_raw[pos], new_disk[pos] = raw, disk
-        self.rows[name], self.raw[name], self.disk[name] = all_rows, new_raw, new_disk
-
-
 @dataclass
 class Plan:
     """What an apply or revert will write. `summary()` is what --dry-run prints."""
@@ -83,10 +44,9 @@ class Plan:
     action: str
     checkpoint: Path
     patch_ids: list[str]
-    overlay: _Overlay
+    overlay: Overlay
     state_after: st.State
-    undo: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
-    undo_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # sha256 of each undo record's bytes
+    undo: dict[str, dict[str, int]] = field(default_factory=dict)  # patch id -> tensor -> its step (apply)
     forced: list[str] = field(default_factory=list)
     exact: bool = True
     max_error_ulps: float = 0.0
@@ -100,8 +60,26 @@ class Plan:
     def rows(self) -> int:
         return int(sum(len(r) for r in self.overlay.rows.values()))
 
-    def summary(self) -> dict:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows it writes."""
         ck = self.overlay.ckpt
+        return int(sum(len(r) * ck.info(n).row_bytes for n, r in self.overlay.rows.items()))
+
+    def chunks(self, names=None, files: dict | None = None):
+        """(tensor, rows, new bytes), one tensor at a time (those of `names`, else all), read again
+        from the checkpoint (through `files`, shard -> open handle, when given) and checked."""
+        return self.overlay.chunks(sorted(self.overlay.rows) if names is None else names, files)
+
+    def originals(self, pid: str, files: dict | None = None) -> dict:
+        """What the undo record of patch `pid` keeps: tensor -> (rows, their bytes before it, deferred)."""
+        return self.overlay.originals(self.undo[pid], files)
+
+    def journal_rows(self, files: dict | None = None) -> dict:
+        """What a rows journal keeps: tensor -> (rows written, their bytes on disk, deferred)."""
+        return self.overlay.disk_rows(files)
+
+    def summary(self) -> dict:
         return {
             "action": self.action,
             "checkpoint": str(self.checkpoint),
@@ -109,7 +87,7 @@ class Plan:
             "rows": self.rows,
             "tensors": [{"name": n, "rows": int(len(r))} for n, r in sorted(self.overlay.rows.items())],
             "files": self.files,
-            "bytes": int(sum(len(r) * ck.info(n).row_bytes for n, r in self.overlay.rows.items())),
+            "bytes": self.nbytes,
             "forced": self.forced,
             "exact": self.exact,
             "max_error_ulps": self.max_error_ulps,
@@ -119,23 +97,27 @@ class Plan:
 # ---- planning --------------------------------------------------------------------------------------
 @dataclass
 class _EditedRows:
-    current: np.ndarray  # the rows as earlier patches of the plan left them
-    disk: np.ndarray  # the rows on disk
-    found: str  # hash of `current`
-    new: np.ndarray | None = None  # None when the rows did not match and --force was not given
-    nonfinite: bool = False
-    after: str | None = None
+    """What planning keeps of one edit's rows: hashes and flags, no bytes."""
+
+    found: str  # hash of the rows as earlier patches of the plan left them
+    after: str | None = None  # None when the rows did not match and --force was not given
+    hashed: bool = False  # whether `after` is the hash of the computed rows (not the patch's claim)
+    overflow_row: int | None = None  # a row the edit would turn from finite to inf or NaN
 
 
-def _edit_rows(overlay: _Overlay, edit, force: bool) -> _EditedRows:
-    current, disk = overlay.read(edit.name, edit.rows)
-    r = _EditedRows(current, disk, rows_hash(current))
+def _edit_rows(overlay: Overlay, edit, force: bool) -> _EditedRows:
+    current = overlay.read(edit.name, edit.rows)
+    r = _EditedRows(rows_hash(current))
     if r.found == edit.base_sha256 or force:
-        r.new, r.nonfinite = edit.new_rows_checked(current)
+        new, nonfinite = edit.new_rows_checked(current)
         # On the rows it was made for, a patch writes the rows its result_sha256 names (the arithmetic
         # is deterministic), so they need no second hash; status then checks rows against that claim.
         matched = r.found == edit.base_sha256 and edit.result_sha256 is not None
-        r.after = edit.result_sha256 if matched else rows_hash(r.new)
+        r.after, r.hashed = (edit.result_sha256, False) if matched else (rows_hash(new), True)
+        if nonfinite and edit.encoding != "replace":
+            bad = is_finite(current, edit.dtype) & ~is_finite(new, edit.dtype)
+            if bad.any():
+                r.overflow_row = int(edit.rows[np.argwhere(bad)[0][0]])
     return r
 
 
@@ -145,7 +127,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
     patches = [load_patch(p) for p in patches]
     state = st.load_state(ck.path)
     applied = [r.id for r in state.applied]
-    overlay = _Overlay(ck)
+    overlay = Overlay(ck)
     plan = Plan("apply", ck.path, [], overlay, st.State(list(state.applied)))
     for patch in patches:
         pid = patch.id
@@ -158,7 +140,7 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                 patch=pid, parent=missing[0],
             )
         forced_here = False
-        originals, tensors = {}, {}
+        steps, tensors = {}, {}
         names = sorted(patch.edits)
         for name in names:
             edit, info = patch.edits[name], ck.info(name)
@@ -171,8 +153,9 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                     f"in the checkpoint, {edit.dtype} {list(edit.shape)} in the patch",
                     tensor=name,
                 )
-        # Reading, hashing and computing the rows of different tensors is independent: on all cores.
-        # The overlay is only read here; it is written below, in order, once all have finished.
+        # Reading, hashing and computing the rows of different tensors is independent: on all cores,
+        # each thread holding one tensor's rows at a time. The overlay is only read here; it is
+        # written below, in order, once all have finished.
         results = map_ordered(lambda n: _edit_rows(overlay, patch.edits[n], force), names)
         if not force and all(r.found == patch.edits[n].result_sha256 != patch.edits[n].base_sha256
                              for n, r in zip(names, results)):
@@ -193,21 +176,17 @@ def plan_apply(patches, checkpoint, force: bool = False, _ckpt: Checkpoint | Non
                         tensor=name, expected=edit.base_sha256, found=r.found,
                     )
                 forced_here = True
-            if r.nonfinite and edit.encoding != "replace":
-                bad = is_finite(r.current, edit.dtype) & ~is_finite(r.new, edit.dtype)
-                if bad.any():
-                    row = int(edit.rows[np.argwhere(bad)[0][0]])
-                    raise NonFiniteError(
-                        f"patch {short(pid)} would overflow tensor {name} to inf at row {row}; nothing was written",
-                        tensor=name, row=row,
-                    )
-            originals[name] = (edit.rows, r.current)
+            if r.overflow_row is not None:
+                row = r.overflow_row
+                raise NonFiniteError(
+                    f"patch {short(pid)} would overflow tensor {name} to inf at row {row}; nothing was written",
+                    tensor=name, row=row,
+                )
             tensors[name] = {"rows": edit.n_rows, "after_sha256": r.after}
-            overlay.write(name, edit.rows, r.new, r.disk)
+            steps[name] = overlay.add(name, Step(edit.rows, r.found, edit.new_rows, r.after if r.hashed else None))
         if forced_here:
             plan.forced.append(pid)
-        plan.undo[pid] = originals
-        plan.undo_hashes[pid] = {name: r.found for name, r in zip(names, results)}
+        plan.undo[pid] = steps
         src = str(patch.path) if patch.path is not None else None
         plan.state_after.applied.append(st.AppliedRecord(pid, src, patch.rows, forced_here, list(patch.parents), tensors))
         plan.patch_ids.append(pid)
@@ -230,10 +209,10 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
     ck = _ckpt or Checkpoint(checkpoint)
     state = st.load_state(ck.path)
     rec, p = _find_record(state, patch)
-    overlay = _Overlay(ck)
+    overlay = Overlay(ck)
     if rec is not None:
         idx = state.applied.index(rec)
-        undo = st.read_undo(ck.path, rec.id, ck)
+        undo = st.read_undo(ck.path, rec.id, ck, lazy=True)  # checked; the bytes are read when written
         if undo is None:
             raise CheckpointError(f"the undo record of patch {short(rec.id)} is missing from {ck.state_dir}")
         if set(undo) != set(rec.tensors):
@@ -251,11 +230,10 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
                     )
         names = sorted(undo)
 
-        def read_and_hash(name: str) -> tuple[np.ndarray, str]:
-            current = overlay.read_disk(name, undo[name][0])
-            return current, rows_hash(current)
+        def read_and_hash(name: str) -> str:
+            return rows_hash(overlay.read_disk(name, undo[name][0]))
 
-        for name, (current, found) in zip(names, map_ordered(read_and_hash, names)):
+        for name, found in zip(names, map_ordered(read_and_hash, names)):
             rows, orig = undo[name]
             if found != rec.tensors[name]["after_sha256"] and not force:
                 raise StateError(
@@ -263,7 +241,7 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
                     "--force restores the recorded original bytes anyway",
                     tensor=name,
                 )
-            overlay.write(name, rows, orig, current)
+            overlay.add(name, Step(rows, found, partial(_stored_rows, orig)))  # `orig` checks itself when read
         after = st.State([r for r in state.applied if r.id != rec.id])
         return Plan("revert", ck.path, [rec.id], overlay, after)
     # No record: the checkpoint was patched elsewhere. Subtract the deltas; exact only if it shows.
@@ -278,7 +256,8 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
         if tuple(info.shape) != tuple(edit.shape) or info.dtype != edit.dtype:
             raise BaseMismatchError(f"patch {short(p.id)} does not fit this checkpoint: tensor {name} differs in shape or dtype", tensor=name)
         current = overlay.read_disk(name, edit.rows)
-        if rows_hash(current) != edit.result_sha256 and not force:
+        found = rows_hash(current)
+        if found != edit.result_sha256 and not force:
             raise StateError(
                 f"patch {short(p.id)} is not applied to {ck.path}: the rows of {name} differ from what it writes "
                 "(--force subtracts its deltas anyway)",
@@ -289,14 +268,24 @@ def plan_revert(patch, checkpoint, force: bool = False, _ckpt: Checkpoint | None
             raise UnsupportedError(f"tensor {name} is {how} by patch {short(p.id)}; without its undo record it cannot be "
                                    "reverted (revert where it was applied, or apply the patch to a fresh copy of the base)",
                                    tensor=name)
-        new = sub_delta(current, edit.deltas(), edit.dtype)
-        if rows_hash(new) != edit.base_sha256:
+        new = _subtracted(edit, current)
+        new_sha256 = rows_hash(new)
+        if new_sha256 != edit.base_sha256:
             plan.exact = False
             pv, rv = to_float(current, edit.dtype), to_float(new, edit.dtype)
             ok = np.isfinite(pv) & np.isfinite(rv)
             if ok.any():
                 bound = 0.5 * ulp(pv[ok], edit.dtype) / ulp(rv[ok], edit.dtype) + 0.5
                 worst = max(worst, float(bound.max()))
-        overlay.write(name, edit.rows, new, current)
+        overlay.add(name, Step(edit.rows, found, partial(_subtracted, edit), new_sha256))
+        del current, new
     plan.max_error_ulps = worst
     return plan
+
+
+def _stored_rows(stored, current: np.ndarray) -> np.ndarray:
+    return stored.read()
+
+
+def _subtracted(edit, current: np.ndarray) -> np.ndarray:
+    return sub_delta(current, edit.deltas(), edit.dtype)

@@ -1,19 +1,71 @@
 """Records patchkit writes into a checkpoint's `.patchkit/` (undo records, the journal): safetensors
 files of row indices and row bytes whose metadata carries a sha256 over their content, read back
-with every row checked against the checkpoint before anything is written from them."""
+with every row checked against the checkpoint before anything is written from them.
+
+Row bytes need not be in memory all at once: a record is written from `Deferred` arrays (made in turn,
+as the file is written; its header and checksum come first, from the shapes and hashes known
+in advance), and read as `Stored` arrays (checked piece by piece, read again when needed)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import math
 import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import CheckpointError
-from .stfile import atomic_write_bytes, pread_exact, read_header, serialize_chunks
+from .dtypes import STORAGE
+from .stfile import atomic_write_bytes, encode_header, open_regular, pread_exact, read_header
+
+PIECE = 16 << 20  # bytes of a stored array read at once while its checksum is checked
+
+
+class ChangedOnDisk(CheckpointError):
+    """Bytes patchkit checked (rows of a shard, an undo record) are not the same when it comes back to
+    write from them: another program wrote them in between."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """An array of a record that is made only when the record is written (`make()`, uint8 or int64 of
+    `shape`), whose bytes' sha256 is known in advance (`sha256`), or None to hash them first."""
+
+    shape: tuple[int, ...]
+    sha256: str | None
+    make: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A uint8 array of a record left in its file: where it is, and the sha256 its bytes had when the
+    record's checksum was checked. `read()` reads it again and checks it against that."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    sha256: str
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self) -> np.ndarray:
+        data = np.frombuffer(pread_exact(self.path, self.offset, math.prod(self.shape)), dtype=np.uint8)
+        if _sha256(data) != self.sha256:
+            raise ChangedOnDisk(f"{self.path} changed on disk since patchkit checked it (another program "
+                                "wrote it?)", path=self.path)
+        return data.reshape(self.shape)
 
 
 def canonical(doc: dict) -> bytes:
@@ -46,40 +98,101 @@ def _sha256(buf) -> str:
     return hashlib.sha256(buf).hexdigest()
 
 
-def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray]], meta: dict[str, str], fsync: bool = True,
-                 digests: dict[str, str] | None = None) -> None:
+def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray | Deferred]], meta: dict[str, str],
+                 fsync: bool = True, digests: dict[str, str] | None = None) -> None:
     """A safetensors file whose metadata carries `sha256` over its other metadata and its arrays.
-    `digests`: the sha256 of some arrays' bytes, already known (the rows a plan has hashed)."""
-    digests = digests or {}
-    chunks = serialize_chunks(arrays, meta)
-    names = sorted(arrays)
-    meta = {**meta, "sha256": _record_digest(meta, [digests.get(n) or _sha256(c) for n, c in zip(names, chunks[1:])])}
-    atomic_write_bytes(path, serialize_chunks(arrays, meta), fsync=fsync)
+    `digests`: the sha256 of some arrays' bytes, already known (the rows a plan has hashed). A
+    `Deferred` array is made when its turn comes in the file (the next one while this one is
+    written), so that at most two are in memory at once."""
+    digests = dict(digests or {})
+    items, entries = [], []  # in name order, which is the order of the file
+    for name in sorted(arrays):
+        dtype, a = arrays[name]
+        if isinstance(a, Deferred):
+            if a.sha256 is not None:
+                digests.setdefault(name, a.sha256)
+        else:
+            a = np.ascontiguousarray(a, dtype=STORAGE[dtype])
+        shape = tuple(a.shape)
+        items.append((dtype, a))
+        entries.append((name, dtype, shape, math.prod(shape) * STORAGE[dtype].itemsize))
+    for item, entry in zip(items, entries):
+        if entry[0] not in digests:
+            digests[entry[0]] = _sha256(_flat(_made(item, entry)))
+    meta = {**meta, "sha256": _record_digest(meta, [digests[e[0]] for e in entries])}
+
+    def chunks():
+        yield encode_header(entries, meta)
+        # While one array is written, the next is made (read, checked) on a second thread: two in
+        # memory at most. Leaving early (a failed write) waits for that thread before the file goes.
+        with ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(_made, items[0], entries[0]) if items else None
+            for i in range(len(items)):
+                current = pending.result()
+                pending = ahead.submit(_made, items[i + 1], entries[i + 1]) if i + 1 < len(items) else None
+                yield _flat(current)
+                del current
+
+    atomic_write_bytes(path, chunks(), fsync=fsync)
 
 
-def read_record(path: Path, kind: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def _made(item: tuple[str, np.ndarray | Deferred], entry: tuple) -> np.ndarray:
+    dtype, a = item
+    if isinstance(a, Deferred):
+        a = np.ascontiguousarray(a.make(), dtype=STORAGE[dtype])
+        if a.nbytes != entry[3]:
+            raise ValueError(f"array {entry[0]} was made with {a.nbytes} bytes, its header says {entry[3]}")
+    return a
+
+
+def _flat(a: np.ndarray):
+    """The array's bytes without a copy (as `stfile.serialize_chunks` gives them)."""
+    return memoryview(a.reshape(-1)).cast("B") if a.size else b""
+
+
+def read_record(path: Path, kind: str, lazy: bool = False) -> tuple[dict[str, str], dict[str, np.ndarray | Stored]]:
     """(metadata, arrays) of a record written by `write_record`, its checksum checked. Raises
-    CheckpointError naming the file; STFormatError when it is not a safetensors file at all."""
+    CheckpointError naming the file; STFormatError when it is not a safetensors file at all. With
+    `lazy`, the uint8 arrays (row bytes) are hashed piece by piece and returned as `Stored`."""
     if not regular_file(path):
         raise CheckpointError(f"{path} is missing", path=path)
     header = read_header(path)
     meta = header.metadata
     if meta.get("format") != kind:
         raise CheckpointError(f"{path} is not a {kind} record; move it away (nothing was written)", path=path)
-    start = 8 + header.size
-    end = max((i.offset + i.nbytes for i in header.tensors.values()), default=start)
-    data = pread_exact(path, start, end - start)
-    slices = [(i.offset - start, i.offset - start + i.nbytes) for _, i in sorted(header.tensors.items())]
-    view = memoryview(data)
-    if "sha256" in meta and meta["sha256"] != _record_digest(meta, [_sha256(view[a:b]) for a, b in slices]):
+    tensors = sorted(header.tensors.items())
+    if lazy:
+        blobs, digests = {}, {}
+        with open_regular(path) as f:
+            for name, i in tensors:
+                if i.dtype == "U8":
+                    h = hashlib.sha256()
+                    for at in range(0, i.nbytes, PIECE):
+                        h.update(pread_exact(path, i.offset + at, min(PIECE, i.nbytes - at), f))
+                    digests[name] = h.hexdigest()
+                else:
+                    blobs[name] = (pread_exact(path, i.offset, i.nbytes, f), 0)
+                    digests[name] = _sha256(blobs[name][0])
+    else:
+        start = 8 + header.size
+        end = max((i.offset + i.nbytes for i in header.tensors.values()), default=start)
+        data = pread_exact(path, start, end - start)
+        view = memoryview(data)
+        blobs = {name: (data, i.offset - start) for name, i in tensors}
+        digests = {name: _sha256(view[i.offset - start : i.offset - start + i.nbytes]) for name, i in tensors}
+    if "sha256" in meta and meta["sha256"] != _record_digest(meta, [digests[name] for name, _ in tensors]):
         raise CheckpointError(f"{path} does not match its checksum (damaged or edited); move it away "
                               "(nothing was written)", path=path)
     arrays = {}
     for name, i in header.tensors.items():
         if i.dtype not in ("I64", "U8"):
             raise CheckpointError(f"{path}: array {name} has dtype {i.dtype}", path=path)
+        if name not in blobs:
+            arrays[name] = Stored(path, i.offset, tuple(i.shape), digests[name])
+            continue
+        data, at = blobs[name]
         arrays[name] = np.frombuffer(data, dtype=np.int64 if i.dtype == "I64" else np.uint8,
-                                     count=i.nbytes // (8 if i.dtype == "I64" else 1), offset=i.offset - start).reshape(i.shape)
+                                     count=i.nbytes // (8 if i.dtype == "I64" else 1), offset=at).reshape(i.shape)
     return meta, arrays
 
 

@@ -201,8 +201,9 @@ def undo_path(ckpt_path: Path, patch_id: str) -> Path:
 
 def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True,
                hashes: dict[str, str] | None = None) -> Path:
-    """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes]); hashes: tensor
-    name -> sha256 of those bytes, where the caller has it already."""
+    """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes], or a
+    `records.Deferred` that makes them when their turn comes in the file); hashes: tensor name ->
+    sha256 of those bytes, where the caller has it already."""
     p = undo_path(ckpt_path, patch_id)
     checked_state_dir(ckpt_path, create=True)
     _plain_dir(p.parent, create=True)
@@ -212,13 +213,14 @@ def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.nda
     return p
 
 
-def read_undo(ckpt_path: Path, patch_id: str, ckpt=None) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The undo record of a patch, checked (checksum, and against `ckpt` when given); None if absent."""
+def read_undo(ckpt_path: Path, patch_id: str, ckpt=None, lazy: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The undo record of a patch, checked (checksum, and against `ckpt` when given); None if absent.
+    With `lazy` the rows' bytes stay in the file (`records.Stored`, read again and checked when used)."""
     p = undo_path(ckpt_path, patch_id)
     if checked_state_dir(ckpt_path) is None or not regular_file(p):
         return None
     try:
-        meta, arrays = read_record(p, "patchkit.undo")
+        meta, arrays = read_record(p, "patchkit.undo", lazy=lazy)
     except (STFormatError, OSError) as e:
         raise CheckpointError(f"undo record {p} is damaged ({e}); move it away (nothing was written)", path=p) from None
     if meta.get("patch_id") != patch_id:

@@ -4,6 +4,11 @@ In place, every shard is first checked to be the file the plan was read from and
 writing, the undo records and the journal are written, then the rows; a failed write is rolled
 back at once from the journal (`patchkit.core.journal`). An output is built in a hidden folder beside
 it and renamed into place whole (`patchkit.core.fsutil.staged_folder`). Errors name the file and step.
+
+Rows go through memory a tensor at a time: each record (undo record, journal) is streamed to its
+file tensor by tensor, and each tensor's new rows are made just before they are written
+(`Plan.chunks`), every time from the bytes on disk checked against the plan's hashes
+(`records.ChangedOnDisk` when they differ, which fails the write like an OSError does).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .checkpoint import Checkpoint
 from .fsutil import is_own_temp, staged_folder, temp_file
 from .parallel import map_ordered
 from .plan import Plan
+from .records import ChangedOnDisk
 from .stfile import write_rows
 
 
@@ -98,9 +104,11 @@ def _preflight(ck: Checkpoint, files: list[Path], record_bytes: int) -> dict[Pat
     return handles
 
 
-def _failed(e: OSError, rolled_back: bool, ck: Checkpoint) -> CheckpointError:
-    what = getattr(e, "patchkit_step", None) or f"writing {e.filename or ck.path}: {e.strerror or e}"
+def _failed(e: OSError | ChangedOnDisk, rolled_back: bool, ck: Checkpoint) -> CheckpointError:
     tail = "the write was rolled back: the checkpoint is as it was" if rolled_back else "nothing was written"
+    if isinstance(e, ChangedOnDisk):  # rows (or a record) read again to be written were not as planned
+        return CheckpointError(f"{e.message}; {tail}: run the command again", **{"path": ck.path, **e.fields})
+    what = getattr(e, "patchkit_step", None) or f"writing {e.filename or ck.path}: {e.strerror or e}"
     return CheckpointError(f"{what}; {tail}", path=e.filename or ck.path)
 
 
@@ -120,51 +128,35 @@ def write_in_place(plan: Plan, fsync: bool = False) -> None:
     except OSError as e:
         raise _failed(e, False, ck) from None
     # apply keeps the touched rows' bytes in undo records, revert keeps them in the journal: same size
-    record_bytes = sum(raw.nbytes + 8 * len(rows) for rows, raw in
-                       ((plan.overlay.rows[n], plan.overlay.disk[n]) for n in plan.overlay.rows))
+    record_bytes = plan.nbytes + 8 * plan.rows
     try:
         handles = _preflight(ck, files, record_bytes)
     except OSError as e:
         raise _failed(e, False, ck) from None
     committed = False
     try:
-        for pid, originals in plan.undo.items():
+        for pid in plan.undo:  # streamed: the rows are read (from the handles) and checked as written
             with _Step("writing the undo record in", ck.state_dir):
-                st.write_undo(ck.path, pid, originals, fsync=fsync, hashes=plan.undo_hashes.get(pid))
+                st.write_undo(ck.path, pid, plan.originals(pid, handles), fsync=fsync)
         st.crashpoint("after-undo")
         before = st.load_state(ck.path)
         with _Step("writing the journal in", ck.state_dir):
             if plan.action == "apply":
                 jn.write_journal(ck.path, before, undo_ids=list(plan.undo), fsync=fsync)
             else:
-                rows = {name: (plan.overlay.rows[name], plan.overlay.disk[name]) for name in sorted(plan.overlay.rows)}
-                jn.write_journal(ck.path, before, rows=rows, fsync=fsync)
+                jn.write_journal(ck.path, before, rows=plan.journal_rows(handles), fsync=fsync)
         committed = True
         st.crashpoint("after-journal")
-        by_file: dict[Path, list[str]] = {}
-        for name in plan.overlay.rows:
-            by_file.setdefault(ck.info(name).file, []).append(name)
-
-        def write_file(item: tuple[Path, list[str]]) -> None:
-            path, names = item
-            f = handles[path]
-            with _Step("writing rows to", path):
-                for name in sorted(names):
-                    write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
-                    st.crashpoint("mid-write")
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-
-        # Writes to one file are serialised by the kernel; different files are written side by side.
-        map_ordered(write_file, sorted(by_file.items()))
+        _write_tensors(plan, handles)
+        if fsync:
+            map_ordered(_fsync_file, sorted(handles.items()))
         st.crashpoint("after-write")
         with _Step("writing the state in", ck.state_dir):
             st.save_state(ck.path, plan.state_after, fsync=fsync)
         st.crashpoint("after-state")
         with _Step("removing the journal from", ck.state_dir):
             jn.clear_journal(ck.path, fsync=fsync)
-    except OSError as e:
+    except (OSError, ChangedOnDisk) as e:
         for f in handles.values():
             f.close()
         if committed:
@@ -181,6 +173,29 @@ def write_in_place(plan: Plan, fsync: bool = False) -> None:
     st.collect_garbage(ck.path)
 
 
+def _write_tensors(plan: Plan, handles: dict[Path, object], written: dict[Path, Path] | None = None) -> None:
+    """Each tensor's new rows, made (read again from `handles`, by shard, checked, computed) and
+    written into its shard's handle: tensors side by side on all cores, each thread holding one
+    tensor's rows. `written`: the file each handle writes, where it is not the shard (errors name it)."""
+    ck = plan.overlay.ckpt
+
+    def write_tensor(name: str) -> None:
+        info = ck.info(name)
+        with _Step("writing rows to", (written or {}).get(info.file, info.file)):
+            for _, rows, new in plan.chunks([name], handles):
+                write_rows(info, rows, new, handles[info.file])
+        st.crashpoint("mid-write")
+
+    map_ordered(write_tensor, sorted(plan.overlay.rows, key=lambda n: (ck.info(n).file, n)))
+
+
+def _fsync_file(item: tuple[Path, object]) -> None:
+    path, f = item
+    with _Step("writing rows to", path):
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _copy_file(pair: tuple[Path, Path]) -> None:
     with _Step("copying to", pair[1]):
         shutil.copyfile(*pair)
@@ -190,6 +205,9 @@ def _copy_file(pair: tuple[Path, Path]) -> None:
 def write_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None:
     try:
         _build_output(plan, output, link, overwrite)
+    except ChangedOnDisk as e:
+        raise CheckpointError(f"{e.message}; the output {output} was not written: run the command again",
+                              **{"path": output, **e.fields}) from None
     except OSError as e:
         what = getattr(e, "patchkit_step", None) or f"writing {e.filename or output}: {e.strerror or e}"
         raise CheckpointError(f"{what}; the output {output} was not written", path=e.filename or output) from None
@@ -221,18 +239,24 @@ def _build_output(plan: Plan, output: Path, link: bool, overwrite: bool) -> None
         map_ordered(_copy_file, copies)
         st.crashpoint("output-copied")
         _check_unchanged(ck, sorted(touched))  # the copies are of the files the plan's offsets are for
-        for path in sorted(touched):
-            out_file = tmp / path.relative_to(ck.path)
-            with _Step("writing rows to", out_file), open(out_file, "r+b") as f:
-                for name in sorted(n for n in plan.overlay.rows if ck.info(n).file == path):
-                    write_rows(ck.info(name), plan.overlay.rows[name], plan.overlay.raw[name], f)
-        # Like `cp`, the new folder is not fsynced, its records neither: it appears whole under its
-        # name (a rename), and a killed process loses nothing; only a power cut before the kernel
-        # writes it back could (a record cut short then fails its checksum).
+        copied = {}  # the copies of the touched shards, by the shard they copy: rows are read from them
+        try:
+            for path in sorted(touched):
+                with _Step("opening for writing", tmp / path.relative_to(ck.path)):
+                    copied[path] = open(tmp / path.relative_to(ck.path), "r+b")
+            # Like `cp`, the new folder is not fsynced, its records neither: it appears whole under its
+            # name (a rename), and a killed process loses nothing; only a power cut before the kernel
+            # writes it back could (a record cut short then fails its checksum). The undo records come
+            # first: they keep the rows of the copies before these are rewritten.
+            with _Step("writing the records in", tmp / st.STATE_DIR):
+                st.copy_state(ck.path, tmp)
+                for pid in plan.undo:
+                    st.write_undo(tmp, pid, plan.originals(pid, copied), fsync=False)
+            _write_tensors(plan, copied, {path: tmp / path.relative_to(ck.path) for path in copied})
+        finally:
+            for f in copied.values():
+                f.close()
         with _Step("writing the records in", tmp / st.STATE_DIR):
-            st.copy_state(ck.path, tmp)
-            for pid, originals in plan.undo.items():
-                st.write_undo(tmp, pid, originals, fsync=False, hashes=plan.undo_hashes.get(pid))
             st.save_state(tmp, plan.state_after, fsync=False)
             st.collect_garbage(tmp)
 
