@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.choices import values
 from ..core.patchfile import Patch
 from ..core.plan import load_patch
 from ..errors import DataError, OutputExistsError, ProbeError, UnsupportedError
 from . import judges as J
-from ..core.choices import values
 from .capability import CapabilityMeter
 from .choices import ControlKind, ControlMatch
 from .comparisons import compare_conditions, condition_metrics, judge_quality, per_prompt  # noqa: F401
 from .controls import control_builders, edit_norm, make_controls, model_rows, projection_features, rows_intact  # noqa: F401
-from .matching import match_kl
 from .inmemory import patched
+from .matching import match_kl
 from .judges import (  # noqa: F401 (re-exported)
     exact_match,
     kl_sum,
