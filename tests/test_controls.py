@@ -183,8 +183,10 @@ def test_eval_finds_or_is_given_a_projection_patchs_data_file(zoo, tmp_path):  #
     patch = projection_patch(base, data=load_data(str(data_file)), layers=[1], lam=0.5).save(tmp_path / "proj.safetensors")
     kw = {"prompts": ["the good dog", "they hate"], "benign": ["the river is calm"], "judges": ["lexical"], "samples": 0,
           "max_new_tokens": 2, "batch_size": 2, "controls": True, "control_seeds": 1}
-    kinds = {c.kind for c in evaluate(base, [patch], **kw).conditions}
-    assert kinds == {"base", "patch", "random-direction", "label-shuffled"}
+    r = evaluate(base, [patch], **kw)
+    assert {c.kind for c in r.conditions} == {"base", "patch", "random-direction", "label-shuffled"}
+    # the patch is compared with each control kind it has, not only the model-surgery ones
+    assert {k for row in r.comparisons for k in row if k.startswith("vs_")} == {"vs_base", "vs_random-direction", "vs_label-shuffled"}
     moved = shutil.move(data_file, tmp_path / "elsewhere.jsonl")
     with pytest.raises(DataError, match="needs the data the patch was made from"):
         evaluate(base, [patch], **kw)
@@ -219,4 +221,5 @@ def test_the_size_of_a_damping_patch_and_eval_of_it(llama):
                  samples=0, max_new_tokens=2, batch_size=2, controls=True, control_seeds=1)
     cond = {c.kind: c for c in r.conditions}
     assert set(cond) == {"base", "patch", "random-neurons"} and cond["patch"].edit_norm == pytest.approx(want, rel=1e-6)
+    assert {k for row in r.comparisons for k in row if k.startswith("vs_")} == {"vs_base", "vs_random-neurons"}
     assert r.reverted_bit_identical

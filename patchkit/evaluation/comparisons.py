@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.choices import values
 from . import judges as J
 from . import stats
+from .choices import ControlKind
 from .judges import summarize
 
 
@@ -53,6 +55,9 @@ def judge_quality(judge, labelled_all, benign_scores, base_scores, model=None, t
     return out
 
 
+CONTROL_ORDER = tuple(values(ControlKind))
+
+
 def compare_conditions(conds: list, judge_objs, greedy: bool, samples: int, n_boot: int, seed: int, alpha: float):
     """Each patch vs the base and vs the mean (per prompt, over seeds) of each control kind, per judge and
     metric; the p-values of the whole evaluation Holm-adjusted as one family; the MDE at the base rate."""
@@ -66,7 +71,7 @@ def compare_conditions(conds: list, judge_objs, greedy: bool, samples: int, n_bo
                 a = val(c)
                 row = {"patch": c.name, "judge": j.name, "metric": metric}
                 others = {"base": val(base)}
-                for kind in ("random-rows", "random-direction"):
+                for kind in CONTROL_ORDER:  # every kind of control the patch has (its method's)
                     ctl = [val(x) for x in conds if x.of_patch == c.patch_id and x.kind == kind
                            and (metric == "greedy" or not greedy or len(x.scores[j.name][0]) > 1)]
                     if ctl:
