@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import math
+import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .dtypes import STORAGE
-from .stfile import atomic_write_bytes, encode_header, open_regular, pread_exact, read_header
+from .stfile import atomic_write_bytes, data_bytes, encode_header, open_regular, pread_exact, read_header
 
 PIECE = 16 << 20  # bytes of a stored array read at once while its checksum is checked
 
@@ -118,7 +118,7 @@ def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray | Deferred]
         entries.append((name, dtype, shape, math.prod(shape) * STORAGE[dtype].itemsize))
     for item, entry in zip(items, entries):
         if entry[0] not in digests:
-            digests[entry[0]] = _sha256(_flat(_made(item, entry)))
+            digests[entry[0]] = _sha256(data_bytes(_made(item, entry)))
     meta = {**meta, "sha256": _record_digest(meta, [digests[e[0]] for e in entries])}
 
     def chunks():
@@ -130,7 +130,7 @@ def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray | Deferred]
             for i in range(len(items)):
                 current = pending.result()
                 pending = ahead.submit(_made, items[i + 1], entries[i + 1]) if i + 1 < len(items) else None
-                yield _flat(current)
+                yield data_bytes(current)
                 del current
 
     atomic_write_bytes(path, chunks(), fsync=fsync)
@@ -143,11 +143,6 @@ def _made(item: tuple[str, np.ndarray | Deferred], entry: tuple) -> np.ndarray:
         if a.nbytes != entry[3]:
             raise ValueError(f"array {entry[0]} was made with {a.nbytes} bytes, its header says {entry[3]}")
     return a
-
-
-def _flat(a: np.ndarray):
-    """The array's bytes without a copy (as `stfile.serialize_chunks` gives them)."""
-    return memoryview(a.reshape(-1)).cast("B") if a.size else b""
 
 
 def read_record(path: Path, kind: str, lazy: bool = False) -> tuple[dict[str, str], dict[str, np.ndarray | Stored]]:

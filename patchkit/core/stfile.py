@@ -292,6 +292,11 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
     return struct.pack("<Q", len(text)) + text
 
 
+def data_bytes(arr: np.ndarray):
+    """A contiguous array's bytes as one flat buffer, without a copy (b"" when empty)."""
+    return memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
+
+
 def serialize_chunks(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> list:
     """The file as a list of buffers (header, then each tensor's data), without copying the data."""
     entries, blobs = [], []
@@ -299,7 +304,7 @@ def serialize_chunks(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[
         dtype, arr = tensors[name]
         arr = np.ascontiguousarray(arr, dtype=STORAGE[dtype])
         entries.append((name, dtype, tuple(arr.shape), arr.nbytes))
-        blobs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+        blobs.append(data_bytes(arr))
     return [encode_header(entries, metadata), *blobs]
 
 
