@@ -42,43 +42,41 @@ class Methods:
         key = hashlib.sha256(f"{self.fingerprint}:{d.content_hash}:{what}".encode()).hexdigest()[:20]
         return os.path.join(self.workdir, f"{what}-{name}-{key}.npz")
 
+    def _per_layer(self, name, what, compute, done):
+        """{layer: array} of data set ``name``: from the cache file of ``what``, or ``compute(data)`` run
+        on the model in float32 (then cached, and ``done`` logged)."""
+        from patchkit.evaluation.evaluate import float32_view
+
+        path, d = self._cache(name, what), self.data(name)
+        if os.path.exists(path):
+            z = np.load(path)
+            return {int(k[1:]): z[k] for k in z.files}
+        with float32_view(self.model):
+            out = compute(d)
+        _save_npz(path, {f"l{k}": v for k, v in out.items()})
+        self.log(f"{done} of {name} ({len(d)} texts) computed")
+        return out
+
     def features(self, name):
         """({layer: float32 [n, hidden]} for every decoder layer, labels) of data set ``name``."""
         if name not in self._feats:
-            from patchkit.evaluation.evaluate import float32_view
             from patchkit.method.projection import layer_features
 
-            path, d = self._cache(name, "layers"), self.data(name)
-            if os.path.exists(path):
-                z = np.load(path)
-                feats = {int(k[1:]): z[k] for k in z.files}
-            else:
-                n_layers = self.model.config.num_hidden_layers
-                with float32_view(self.model):
-                    feats = layer_features(self.model, self.tok, d.texts, range(n_layers), batch_size=16)
-                _save_npz(path, {f"l{k}": v for k, v in feats.items()})
-                self.log(f"features of {name} ({len(d)} texts, {n_layers} layers) computed")
-            self._feats[name] = (feats, list(d.labels))
+            n_layers = self.model.config.num_hidden_layers
+            feats = self._per_layer(name, "layers", lambda d: layer_features(self.model, self.tok, d.texts, range(n_layers),
+                                                                             batch_size=16), f"features ({n_layers} layers)")
+            self._feats[name] = (feats, list(self.data(name).labels))
         return self._feats[name]
 
     def aurocs(self, name):
         """{layer: AUROC of each MLP neuron's max-pooled activation} on data set ``name``."""
         if name not in self._au:
-            from patchkit.evaluation.evaluate import float32_view
             from patchkit.method.damping import auroc, neuron_activations
 
-            path, d = self._cache(name, "auroc"), self.data(name)
-            if os.path.exists(path):
-                z = np.load(path)
-                au = {int(k[1:]): z[k] for k in z.files}
-            else:
-                with float32_view(self.model):
-                    acts = neuron_activations(self.model, self.tok, d.texts)
-                au = {l: auroc(a, d.labels) for l, a in acts.items()}
-                del acts
-                _save_npz(path, {f"l{k}": v for k, v in au.items()})
-                self.log(f"neuron AUROCs of {name} ({len(d)} texts) computed")
-            self._au[name] = au
+            def compute(d):
+                return {l: auroc(a, d.labels) for l, a in neuron_activations(self.model, self.tok, d.texts).items()}
+
+            self._au[name] = self._per_layer(name, "auroc", compute, "neuron AUROCs")
         return self._au[name]
 
     def projection(self, name, lam, layers, rank=1, modules=("mlp",)):
