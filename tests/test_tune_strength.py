@@ -15,11 +15,11 @@ from test_tune import BENIGN, COMMON, NEVER, PROMPTS, case, one_thread  # noqa: 
 
 from patchkit.core.patchfile import Patch
 from patchkit.errors import DataError
-from patchkit.evaluation.strength import parse_layers
 from patchkit.evaluation.tune import NoFeasiblePointError, render_tune_table, tune
 from patchkit.method.damping import damping_patch
 from patchkit.method.pipeline import load_data
 from patchkit.method.projection import projection_patch
+from patchkit.method.targets import parse_layers
 
 LAMS = [0.25, 0.5, 0.75, 1.0]
 FRACTIONS = [0.02, 0.1, 0.3, 1.0]

@@ -29,7 +29,7 @@ from ..method.choices import EditMethod
 from ..method.damping import UP, auroc, damping_patch, neuron_activations
 from ..method.pipeline import load_data
 from ..method.projection import directions_from_features, layer_features, projection_patch
-from ..method.targets import parse_layers, residual_writers  # noqa: F401 (parse_layers re-exported)
+from ..method.targets import parse_layers, residual_writers
 from . import evaluate as E
 
 METHODS = tuple(values(EditMethod))
@@ -244,4 +244,4 @@ class DampingSearch(StrengthSearch):
 SEARCHES = {"projection": ProjectionSearch, "damping": DampingSearch}
 
 __all__ = ["DampingSearch", "FractionPoint", "KNOBS", "LamPoint", "METHODS", "Measured", "Point", "ProjectionSearch",
-           "SEARCHES", "StrengthSearch", "bisect_edge", "parse_layers", "to_judge"]
+           "SEARCHES", "StrengthSearch", "bisect_edge", "to_judge"]
