@@ -98,3 +98,45 @@ def test_self_labelling_loads_the_model_through_the_pipeline_in_bf16(tmp_path, m
     assert calls == [(str(ck), torch.bfloat16)] and len(sl.rows) == 3
     self_labelled(ck, PROMPTS[:2], PROMPTS[2:3], stub_judge(), Settings(samples=0, max_new_tokens=3, batch_size=4))
     assert len(calls) == 1  # cached: no model loaded
+
+
+def spy_self_labelled(monkeypatch, calls):
+    """Replace generation by a record of which checkpoint's text was asked for (and separable stand-in data)."""
+    from patchkit.evaluation import selflabel
+
+    def fake(model_path, *a, **kw):
+        calls.append(str(model_path))
+        rows = [{"prompt": f"p{i // 4}", "source": "rtp", "text": ("vile insult " if i % 2 else "kind words ") * (1 + i % 3) + str(i),
+                 "score": 0.9 if i % 2 else 0.01} for i in range(80)]
+        data, counts = label(rows)
+        return selflabel.SelfLabelled(rows, data, counts)
+
+    monkeypatch.setattr(selflabel, "self_labelled", fake)
+
+
+def test_builtin_self_data_is_the_given_models_own_text(tmp_path, monkeypatch):
+    from patchkit.method.pipeline import load_data
+
+    calls = []
+    spy_self_labelled(monkeypatch, calls)
+    ck = helpers.tiny_llama(tmp_path / "model", torch.float32, seed=3)
+    train = load_data("builtin:toxicity-self", model=ck)
+    held = load_data("builtin:toxicity-self", split="heldout", model=ck)
+    assert calls == [str(ck), str(ck)] and train.source.startswith("builtin:toxicity-self")
+    assert not set(train.groups) & set(held.groups) and len(train) + len(held) == 80
+
+
+def test_compute_trains_on_the_edited_models_own_text(tmp_path, monkeypatch, cli_runner):
+    """compute --data builtin:toxicity-self on a model uses THAT model's continuations, not the embedded model's."""
+    from patchkit.core.plan import load_patch
+
+    calls = []
+    spy_self_labelled(monkeypatch, calls)
+    ck = helpers.tiny_llama(tmp_path / "model", torch.float32, seed=4)
+    for method, extra in (("projection", ["--lam", "0.5"]), ("damping", ["--fraction", "0.25"])):
+        out = tmp_path / f"{method}.safetensors"
+        r = cli_runner("compute", ck, "--method", method, "--data", "builtin:toxicity-self", *extra, "-o", out)
+        assert r.exit_code == 0, r.output
+        assert calls and set(calls) == {str(ck)}
+        assert load_patch(out).provenance["data"]["source"].startswith("builtin:toxicity-self")
+        calls.clear()

@@ -14,7 +14,7 @@ from ._common import CommandFailed, choice, emit, fmt_bytes, json_option, option
 @click.command()
 @click.argument("model")
 @click.option("--data", required=True, help="Labelled JSONL/CSV/TSV file, or builtin:toxicity / builtin:harmful / "
-              "builtin:toxicity-self (the embedded model's own continuations, jigsaw-labelled; generated once, cached).")
+              "builtin:toxicity-self (this model's own continuations, jigsaw-labelled; generated once, cached).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the probe (.safetensors).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)
@@ -122,7 +122,8 @@ def _compute_projection(model, output, data, lam, layers, rank, modules, descrip
     from ..method.projection import projection_patch
 
     chosen = _layers(layers, data, "projection")
-    patch = projection_patch(resolve_model(model).path, lam=lam, layers=chosen, rank=rank, data=load_data(data),
+    path = resolve_model(model).path
+    patch = projection_patch(path, lam=lam, layers=chosen, rank=rank, data=load_data(data, model=path),
                              modules=("mlp", "attn") if modules == "both" else (modules,), progress=not as_json)
     s = _save(patch, description, output)
     q = s["provenance"]["directions"]
@@ -142,7 +143,8 @@ def _compute_damping(model, output, data, fraction, layers, description, as_json
     from ..method.pipeline import load_data, resolve_model
 
     chosen = _layers(layers, data, "damping")
-    patch = damping_patch(resolve_model(model).path, data=load_data(data), fraction=1.0 if fraction is None else fraction,
+    path = resolve_model(model).path
+    patch = damping_patch(path, data=load_data(data, model=path), fraction=1.0 if fraction is None else fraction,
                           layers=chosen)
     s = _save(patch, description, output)
     r = {"output": output, "id": s["id"], "rows": s["rows"], "tensors": s["tensors"], "bytes": s["bytes"],

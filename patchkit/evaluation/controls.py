@@ -157,6 +157,7 @@ def projection_features(model, patch: Patch, data=None, features=None, checkpoin
     if features is not None:
         return features
     rec = patch.provenance.get("data") or {}
+    ck = checkpoint_of(model, checkpoint)
     if data is None:
         from pathlib import Path
 
@@ -165,7 +166,7 @@ def projection_features(model, patch: Patch, data=None, features=None, checkpoin
         src = str(rec.get("source") or "")
         if src.startswith("builtin:"):
             name, _, split = src[len("builtin:"):].partition("[")
-            data = load_data(f"builtin:{name}", split=split.rstrip("]") or "train")
+            data = load_data(f"builtin:{name}", split=split.rstrip("]") or "train", model=ck.path)
         elif src and Path(src).is_file():  # checked against the recorded hash below
             data = load_data(src)
         else:
@@ -176,7 +177,6 @@ def projection_features(model, patch: Patch, data=None, features=None, checkpoin
     from ..method.pipeline import load_model
     from ..method.projection import layer_features
 
-    ck = checkpoint_of(model, checkpoint)
     fmodel, tok = load_model(ck.path)
     return layer_features(fmodel, tok, data.texts, range(len(_decoder_layers(fmodel)))), list(data.labels)
 

@@ -219,7 +219,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
         if controls:
             # a projection patch's label-shuffled controls share one pass over its data's features
             wanted = set(control_kinds or known)
-            feats = projection_features(model, p, data=control_data and load_data(control_data)) if (
+            feats = projection_features(model, p, data=control_data and load_data(control_data, model=path)) if (
                 (p.provenance or {}).get("method") == "projection" and "label-shuffled" in wanted) else None
             conds += _control_conditions(model, p, range(seed, seed + control_seeds), feats, meter, base_rows, say, wanted)
     gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
@@ -245,7 +245,7 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
 
     # judges: every patch is reverted now, so the model is the base
     with _judge_view(model, judge_objs):
-        judge_info = _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say)
+        judge_info = _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say, path)
     if benign_list:
         _capability(meter or CapabilityMeter(model, tok, benign_list, batch_size), conds)
         say("capability measured on benign text")
@@ -266,12 +266,12 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
                       comparisons, intact, timing, power)
 
 
-def _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say) -> list[dict]:
+def _judge(judge_objs, conds, greedy, judge_check, benign_conts, benign_src, model, tok, say, path) -> list[dict]:
     """Score every continuation with every judge, and each judge's quality (see :func:`judge_quality`)."""
     from ..method.pipeline import load_data
 
-    check_held = load_data(judge_check, split="heldout") if judge_check else None
-    check_all = load_data(judge_check, split="all") if judge_check else None
+    check_held = load_data(judge_check, split="heldout", model=path) if judge_check else None
+    check_all = load_data(judge_check, split="all", model=path) if judge_check else None
     info_out = []
     for j in judge_objs:
         flat = [t for c, _ in conds for row in c.continuations for t in row]

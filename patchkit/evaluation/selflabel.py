@@ -174,13 +174,14 @@ def self_labelled(model_path, rtp: Sequence[str] | None = None, benign: Sequence
     return SelfLabelled(rows, data, counts, cached)
 
 
-def builtin_self_labelled(split: str = "train") -> LabelledData:
-    """``builtin:toxicity-self``: the embedded model's self-labelled data; ``split`` train, heldout (by prompt) or all."""
+def builtin_self_labelled(split: str = "train", model_path=None) -> LabelledData:
+    """``builtin:toxicity-self``: the self-labelled data of the checkpoint at ``model_path`` (default: the
+    embedded SmolLM2); ``split`` train, heldout (by prompt) or all."""
     from ..method.embedded import embedded_model_path
 
     if split not in ("train", "heldout", "all"):
         raise DataError(f"unknown split {split!r}; choose train, heldout or all")
-    data = self_labelled(embedded_model_path()).data
+    data = self_labelled(embedded_model_path() if model_path is None else model_path).data
     data = LabelledData(data.texts, data.labels, data.label_names, data.content_hash, "builtin:toxicity-self", data.groups)
     check_two_classes(data.labels, data.source)
     if split == "all":

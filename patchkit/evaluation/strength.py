@@ -137,7 +137,7 @@ class StrengthSearch:
         self.bench, self.grid = bench, sorted({float(x) for x in grid})
         if not self.grid or not all(math.isfinite(x) and valid(x) for x in self.grid):
             raise DataError(f"{self.name} values must be {rule}")
-        self.data = load_data(data) if isinstance(data, str) else data
+        self.data = load_data(data, model=bench.path) if isinstance(data, str) else data
         if len(set(self.data.labels)) < 2:
             raise DataError(f"the {self.method} search needs labelled data with both labels; {self.data.source} has one")
         self.patches: dict[float, Patch] = {}

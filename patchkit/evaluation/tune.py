@@ -182,7 +182,7 @@ class Bench:
             scores = {name: [[next(it) for _ in row] for row in rows] for name, rows in conts.items()}
             check = None
             if judge_check and j.kind != "refusal":
-                data = load_data(judge_check, split="heldout")
+                data = load_data(judge_check, split="heldout", model=self.path)
                 check = J.check_judge(j, data.texts, data.labels, net, tok, source=data.source)
         base_metrics = J.summarize(scores["base"], j.threshold)
         for p in judged:

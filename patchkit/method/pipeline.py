@@ -97,11 +97,13 @@ def memory_budget(size: str) -> dict:
     return budget
 
 
-def load_data(data: str, text_field="text", label_field="label", behavior=None, split="train"):
+def load_data(data: str, text_field="text", label_field="label", behavior=None, split="train", model=None):
+    """Labelled data from a file or ``builtin:NAME``; ``model`` (a checkpoint folder) is the model whose
+    own text ``builtin:toxicity-self`` is (default: the embedded SmolLM2)."""
     from .data import builtin_dataset, load_labelled
 
     if data.startswith("builtin:"):
-        return builtin_dataset(data.split(":", 1)[1], split=split)
+        return builtin_dataset(data.split(":", 1)[1], split=split, model=model)
     return load_labelled(Path(data), text_field=text_field, label_field=label_field, behavior=behavior)
 
 
@@ -139,7 +141,7 @@ def train_probe_for(
     path, repo_id, revision = resolve_model(model)
     ck = Checkpoint(path)
     fingerprint = ck.fingerprint()
-    labelled = load_data(data, text_field, label_field, behavior)
+    labelled = load_data(data, text_field, label_field, behavior, model=path)
     cache = FeatureCache(cache_root() / "features")
     loaded = []
 
