@@ -35,6 +35,7 @@ CURVE_ROWS = [  # (key in results, label, time field)
     ("c", "(c) patchkit apply -o", "wall_s"),
     ("d", "(d) patchkit apply --in-place", "wall_s"),
     ("e", "(e) patchkit revert --in-place", "wall_s"),
+    ("floor", "floor of (d): read, hash, keep, write the rows", "wall_s"),
     ("f-naive", "(f) naive compute: load, score all rows, save", "wall_s"),
     ("f", "(f) patchkit compute", "wall_s"),
     ("g-live", "(g) patched(model, patch): enter + leave", "total_s"),
@@ -54,6 +55,13 @@ def curve_targets(sizes: list[dict], start: dict) -> list[dict]:
             v = r["a"]["wall_s"] / r["d"]["wall_s"]
             t.append({"name": f"{name}: (a)/(d) speedup", "value": f"{v:.1f}x", "target": f">= {CURVE_TARGET_SPEEDUP_7B:g}x",
                       "pass": v >= CURVE_TARGET_SPEEDUP_7B})
+            if "floor" in r:  # not a target: what the target asks of this machine
+                f = r["floor"]["wall_s"]
+                t.append({"name": f"{name}: (a)/floor, the most any apply could", "value": f"{r['a']['wall_s'] / f:.1f}x",
+                          "target": f">= {CURVE_TARGET_SPEEDUP_7B:g}x", "pass": r["a"]["wall_s"] / f >= CURVE_TARGET_SPEEDUP_7B,
+                          "info": True})
+                t.append({"name": f"{name}: (d)/floor", "value": f"{r['d']['wall_s'] / f:.2f}", "target": "1 is the floor",
+                          "pass": True, "info": True})
             v = r["g-live"]["total_s"]
             t.append({"name": f"{name}: (g) patched() enter + leave", "value": f"{v:.2f} s",
                       "target": f"< {CURVE_TARGET_PATCHED_S:g} s", "pass": v < CURVE_TARGET_PATCHED_S})
@@ -64,6 +72,10 @@ def curve_targets(sizes: list[dict], start: dict) -> list[dict]:
         v = r["c"]["wall_s"] / r["b"]["wall_s"]
         t.append({"name": f"{name}: (c)/(b) time", "value": f"{v:.2f}", "target": f"<= {CURVE_TARGET_COPY_RATIO:g}",
                   "pass": v <= CURVE_TARGET_COPY_RATIO})
+        if "floor" in r:  # a Python program's start-up alone, against cp -r: the (c)/(b) no Python tool can beat
+            v = (r["floor"]["wall_s"] - r["floor"]["work_s"] + r["b"]["wall_s"]) / r["b"]["wall_s"]
+            t.append({"name": f"{name}: (python + numpy start-up + cp)/cp", "value": f"{v:.2f}",
+                      "target": f"<= {CURVE_TARGET_COPY_RATIO:g}", "pass": v <= CURVE_TARGET_COPY_RATIO, "info": True})
         t.append({"name": f"{name}: (e) restores the bytes", "value": "yes" if s["identical"] else "no",
                   "target": "byte-identical", "pass": s["identical"]})
     for cmd, m in start.items():
@@ -87,6 +99,12 @@ def print_curve(report: dict, log) -> None:
         g = r["g-live"]
         log(f"  (g) in-process times: patched() enter {g['enter_s']:.3f} s, leave {g['leave_s']:.3f} s; "
             f"whole processes (load included): live {g['wall_s']:.1f} s, load patched {r['g-load']['wall_s']:.1f} s")
+        if "floor" in r:
+            f = r["floor"]
+            log(f"  floor of (d), medians: python + numpy start-up {f['start_s']:.3f} s; read {f['read_s']:.3f}, sha256 "
+                f"{f['sha256_s']:.3f}, undo written {f['undo_s']:.3f}, arithmetic {f['arithmetic_s']:.3f}, "
+                f"rows written {f['write_s']:.3f} (work {f['work_s']:.3f} s); (d)/floor {r['d']['wall_s'] / f['wall_s']:.2f}, "
+                f"(a)/floor {r['a']['wall_s'] / f['wall_s']:.1f}x")
         log(f"  ratios: (a)/(d) {r['a']['wall_s'] / r['d']['wall_s']:.1f}x, (a)/(c) {r['a']['wall_s'] / r['c']['wall_s']:.1f}x, "
             f"(c)/(b) {r['c']['wall_s'] / r['b']['wall_s']:.2f}, naive (f)/(f) {r['f-naive']['wall_s'] / r['f']['wall_s']:.1f}x, "
             f"(g) load/patched() {r['g-load']['load_s'] / g['total_s']:.1f}x; status {s['status_s'] * 1000:.0f} ms")
@@ -98,7 +116,7 @@ def print_curve(report: dict, log) -> None:
             for label, v in p["split_s"].items():
                 log(f"    {label:<48} {v:>7.3f} s  {100 * v / p['profiled_s']:>5.1f} %")
     log("\nthe curve (medians; seconds, peak RSS MB in brackets):")
-    keys = ["a", "b", "c", "d", "e", "f-naive", "f", "g-live"]
+    keys = [k for k in ("a", "b", "c", "d", "floor", "e", "f-naive", "f", "g-live") if all(k in s["results"] for s in report["sizes"])]
     log(f"  {'layout':<16}" + "".join(f"{k:>15}" for k in keys))
     for s in report["sizes"]:
         r = s["results"]
@@ -111,7 +129,8 @@ def print_curve(report: dict, log) -> None:
     log(f"\npage cache: {report['cache']}")
     log("targets:")
     for t in report["targets"]:
-        log(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['name']:<44} {t['value']:>10}   (target {t['target']})")
+        mark = "info" if t.get("info") else ("PASS" if t["pass"] else "FAIL")
+        log(f"  {mark:<4}  {t['name']:<44} {t['value']:>10}   ({'for' if t.get('info') else 'target'} {t['target']})")
 
 
 def curve_main(args) -> int:
@@ -156,7 +175,7 @@ def curve_main(args) -> int:
     report = {"machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
               "cache": cache, "sizes": sizes, "startup": start}
     report["targets"] = curve_targets(sizes, start)
-    report["all_pass"] = all(t["pass"] for t in report["targets"])
+    report["all_pass"] = all(t["pass"] for t in report["targets"] if not t.get("info"))
     print_curve(report, log)
     rmtree(work)
     if args.svg:

@@ -177,7 +177,8 @@ def summarize(rs: list[dict]) -> dict:
     out = {"runs": len(rs), "wall_s": statistics.median(r["wall_s"] for r in rs),
            "rss_mb": statistics.median(r["rss_mb"] for r in rs),
            "wall_s_all": [round(r["wall_s"], 3) for r in rs], "rss_mb_all": [round(r["rss_mb"], 1) for r in rs]}
-    for key in ("enter_s", "leave_s", "total_s", "load_s"):
+    for key in ("enter_s", "leave_s", "total_s", "load_s", "start_s", "read_s", "sha256_s", "undo_s", "arithmetic_s",
+                "write_s", "work_s"):
         if key in rs[0]:
             out[key] = statistics.median(r[key] for r in rs)
     return out

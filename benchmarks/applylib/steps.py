@@ -24,6 +24,7 @@ import numpy as np
 from applylib.layouts import (ALPHA, LAYOUTS, PATCH_FRACTION, curve_patch, curve_probe, curve_specs, gate_names,
                               layout_files, nbytes, write_layout)
 from applylib.measure import BigMem, Runner, drop_caches, identical_files, rmtree, summarize, warm
+from applylib.floor import FLOOR, floor_plan, parse_floor
 from applylib.profiling import profile_inplace
 from applylib.scripts import LOAD_PATCHED, NAIVE, PATCHED_LIVE, naive_compute_script
 
@@ -141,6 +142,17 @@ def curve_size(key: str, args, runner: Runner, log, work: Path, patchkit_bin: st
             f"(e) {res['e'][-1]['wall_s']:.3f} s {res['e'][-1]['rss_mb']:.0f} MB  identical after revert: {same}")
     notes.append("after every (e) the copy is byte-identical to the base (cmp, no .patchkit/ left)" if identical_all
                  else "REVERT DID NOT RESTORE THE ORIGINAL BYTES")
+    # the floor of (d): read, hash, durable undo, arithmetic, durable writes of the same rows (applylib/floor.py)
+    floor_npz = runs / "floor.npz"
+    floor_plan(inplace, patch, floor_npz)
+    for _ in range(reps):
+        r = run("floor", [sys.executable, "-c", FLOOR, str(floor_npz), str(runs / "floor.undo")], cache=(inplace,))
+        r.update(parse_floor(r["stdout"]))
+    same, _ = identical_files(base, inplace, files)
+    identical_all &= same
+    fl = summarize(res["floor"])
+    log(f"  floor: {fl['wall_s']:.3f} s (numpy start-up {fl['start_s']:.3f}, read {fl['read_s']:.3f}, sha256 {fl['sha256_s']:.3f}, "
+        f"undo {fl['undo_s']:.3f}, arithmetic {fl['arithmetic_s']:.3f}, writes {fl['write_s']:.3f})")
     profile = profile_inplace(patchkit_bin, patch, inplace, runs) if args.profile else None
     if big and dropped:  # once each from a cold page cache
         run("d", [patchkit_bin, "apply", str(patch), str(inplace), "--in-place"], cold=True)
