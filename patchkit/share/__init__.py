@@ -12,7 +12,6 @@ from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "resolve_patch": "patchkit.share.sources",
-    "resolve_model": "patchkit.share.sources",
     "parse_model": "patchkit.share.sources",
     "model_source": "patchkit.share.sources",
     "download_patch": "patchkit.share.download",

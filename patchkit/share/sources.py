@@ -83,8 +83,3 @@ def model_source(ref: str, allow_patterns: list[str] | None = None) -> ModelSour
 
     folder = download_model(parsed.repo_id + (f"@{parsed.revision}" if parsed.revision else ""), allow_patterns=allow_patterns)
     return ModelSource(folder, parsed.repo_id, folder.name)
-
-
-def resolve_model(ref: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local checkpoint folder for `ref`: a folder, or a Hub model (see `model_source`)."""
-    return model_source(ref, allow_patterns).path
