@@ -442,6 +442,28 @@ def test_the_capability_meter_is_what_eval_reports(tiny):
     assert r.conditions[1].capability == patched and patched["kl"] > 0 and patched["perplexity"] != meter.base_perplexity
 
 
+def test_the_capability_meter_bounds_its_logits_and_measures_the_same(tiny, monkeypatch):
+    """A batch whose logits would pass LOGITS_BYTES is run a few texts at a time: more forward passes,
+    never more than the bound's worth of logits in one, and the same perplexity and KL."""
+    from patchkit.evaluation import capability
+    from patchkit.method.pipeline import load_model
+
+    texts = ["a kind word for people", "the group helps now and then, every day", "love the dog", "a tree", "rivers run"]
+    model, tok = load_model(tiny["ckpt"], torch.bfloat16)
+    patch = Patch.load(tiny["patch"])
+    whole = capability.CapabilityMeter(model, tok, texts, 4)
+    vocab = capability.vocab_size(model)
+    longest = max(int(e["input_ids"].shape[1]) for e in whole.batches)
+    monkeypatch.setattr(capability, "LOGITS_BYTES", 2 * longest * vocab * 4)  # two texts' logits at most
+    split = capability.CapabilityMeter(model, tok, texts, 4)
+    assert len(whole.batches) == 2 and len(split.batches) == 3  # 4 + 1 texts -> 2 + 2 + 1
+    assert all(e["input_ids"].shape[0] <= 2 for e in split.batches)
+    assert split.tokens == whole.tokens and split.base["perplexity"] == pytest.approx(whole.base["perplexity"], rel=1e-5)
+    a, b = whole.measure(patch), split.measure(patch)
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
+    assert a["kl"] > 0
+
+
 def test_library_and_command_default_to_the_same_control_seeds():
     import inspect
 
