@@ -95,8 +95,7 @@ for fd in fds:
 t.update(clock)
 t.update({"work_s": sum(clock.values()), "rows": total_rows, "bytes": total_rows * rb, "changed_elements": changed,
           "sha256": h.hexdigest()})
-os.unlink(undo_path)
-print(json.dumps(t))
+print(json.dumps(t))  # the undo file is left for the caller to delete (an apply keeps its undo record)
 """
 
 

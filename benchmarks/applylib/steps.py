@@ -148,6 +148,7 @@ def curve_size(key: str, args, runner: Runner, log, work: Path, patchkit_bin: st
     for _ in range(reps):
         r = run("floor", [sys.executable, "-c", FLOOR, str(floor_npz), str(runs / "floor.undo")], cache=(inplace,))
         r.update(parse_floor(r["stdout"]))
+        (runs / "floor.undo").unlink()
     same, _ = identical_files(base, inplace, files)
     identical_all &= same
     fl = summarize(res["floor"])
