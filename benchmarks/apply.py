@@ -3,10 +3,11 @@
 
     python benchmarks/apply.py [--workdir DIR] [--keep] [--clean] [--json [PATH]] [--reps N] [--naive-reps N]
     python benchmarks/apply.py --sizes 135m,1.1b,7b [--profile] [--json PATH] [--svg PATH]
+    python benchmarks/apply.py --floor 7b [--reps N] [--json PATH]
 
 With --sizes: the scale curve, SmolLM2-135M, TinyLlama-1.1B and LLaMA-2-7B layouts one after the
 other, (a)-(e) below plus compute and patched() for each ("The scale curve" in benchmarks/README.md).
-Without it:
+With --floor SIZE: (d), (e) and the floor of (d) (applylib/floor.py) in turn on one layout. Without either:
 
 1. Generates (once, cached in the workdir) a bf16 checkpoint with the TinyLlama-1.1B layout and
    random weights, written shard by shard with safetensors (no torch model is built).
@@ -36,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from applylib.curve import curve_main  # noqa: E402
+from applylib.floor import floor_main  # noqa: E402
 from applylib.layouts import (CONFIG, base_is_cached, gate_names, generate_checkpoint, nbytes,  # noqa: E402
                               tensor_specs)
 from applylib.measure import Runner, rmtree, start, warm, weight_files  # noqa: E402
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
                     "(default workdir /work/bench-tmp/apply-curve, removed at the end)")
     ap.add_argument("--profile", action="store_true", help="with --sizes: profile (d) and split its time by step")
     ap.add_argument("--svg", type=Path, help="with --sizes: also draw the curve as an SVG file")
+    ap.add_argument("--floor", metavar="SIZE", help="only (d), (e) and the floor of (d), in turn, on one layout (135m, 1.1b or 7b)")
     ap.add_argument("--plot", type=Path, metavar="JSON", help="only draw --svg from the JSON of an earlier --sizes run")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of (b)-(e); the median is reported")
     ap.add_argument("--naive-reps", type=int, default=3, help="repetitions of (a), about 10 s each; the median is reported")
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
         return 0
     if args.sizes:
         return curve_main(args)
+    if args.floor:
+        return floor_main(args)
     return run(args)
 
 

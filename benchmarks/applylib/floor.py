@@ -131,3 +131,75 @@ def floor_plan(ckpt: Path, patch_path: Path, out: Path) -> dict:
 
 def parse_floor(stdout: str) -> dict:
     return json.loads(stdout.splitlines()[-1])
+
+
+FLOOR_KEYS = ("start_s", "read_s", "sha256_s", "undo_s", "arithmetic_s", "write_s", "work_s")
+
+
+def floor_main(args) -> int:
+    """`apply.py --floor SIZE`: (d) apply --in-place, (e) revert --in-place and the floor, in turn
+    (--reps times) on one copy of the layout, warm; prints the medians and (d)/floor, and deletes
+    the layout. Only the checkpoint itself is on disk (no second copy): about 14 GB at 7B."""
+    import shutil
+    import statistics
+    import sys
+
+    from applylib.layouts import LAYOUTS, PATCH_FRACTION, curve_patch, curve_specs, nbytes, write_layout
+    from applylib.measure import Runner, compile_bytecode, patchkit_command, rmtree, warm
+
+    def log(msg=""):
+        print(msg, file=sys.stderr, flush=True)
+
+    key = args.floor.strip().lower()
+    if key not in LAYOUTS:
+        log(f"error: unknown size {args.floor!r}; choose one of {', '.join(LAYOUTS)}")
+        return 2
+    patchkit_bin = patchkit_command(log)
+    if patchkit_bin is None:
+        return 2
+    work = (args.workdir or Path("/work/bench-tmp/apply-floor")).resolve()
+    layout, cfg, k = LAYOUTS[key]
+    k = k or int(PATCH_FRACTION * cfg["intermediate_size"] * cfg["num_hidden_layers"])
+    need = sum(nbytes(s) for _, s, _ in curve_specs(cfg)) + (1 << 30)
+    rmtree(work)
+    work.mkdir(parents=True)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        log(f"error: {layout} needs about {need / 1e9:.1f} GB free in {work}, there are {free / 1e9:.1f} GB")
+        rmtree(work)
+        return 2
+    log(compile_bytecode())
+    try:
+        ckpt, patch, plan = work / "ckpt", work / "p.safetensors", work / "plan.npz"
+        write_layout(ckpt, cfg, log)
+        curve_patch(ckpt, patch, cfg, k)
+        floor_plan(ckpt, patch, plan)
+        runner, res = Runner(work, log), {"d": [], "e": [], "floor": []}
+        for rep in range(args.reps):
+            for step, cmd in (("d", [patchkit_bin, "apply", str(patch), str(ckpt), "--in-place"]),
+                              ("e", [patchkit_bin, "revert", str(patch), str(ckpt), "--in-place"]),
+                              ("floor", [sys.executable, "-c", FLOOR, str(plan), str(work / "floor.undo")])):
+                warm(ckpt)
+                r = runner.measure(cmd, step)
+                if step == "floor":
+                    r.update(parse_floor(r["stdout"]))
+                    (work / "floor.undo").unlink()
+                res[step].append(r)
+            log(f"  rep {rep + 1}: " + ", ".join(f"({s}) {v[-1]['wall_s']:.3f} s" if s != "floor" else f"floor {v[-1]['wall_s']:.3f} s"
+                                               for s, v in res.items()))
+    finally:
+        rmtree(work)
+    med = {s: statistics.median(r["wall_s"] for r in v) for s, v in res.items()}
+    parts = {x: statistics.median(r[x] for r in res["floor"]) for x in FLOOR_KEYS}
+    rss = {s: statistics.median(r["rss_mb"] for r in v) for s, v in res.items()}
+    log(f"\n{layout}, {k:,} gate_proj rows, warm, medians of {args.reps} in turn:")
+    log(f"  (d) apply --in-place    {med['d']:.3f} s  {rss['d']:.0f} MB")
+    log(f"  (e) revert --in-place   {med['e']:.3f} s  {rss['e']:.0f} MB")
+    log(f"  floor                   {med['floor']:.3f} s  {rss['floor']:.0f} MB   (" + ", ".join(
+        f"{x[:-2]} {v:.3f}" for x, v in parts.items()) + ")")
+    log(f"  (d)/floor {med['d'] / med['floor']:.2f}   (e)/floor {med['e'] / med['floor']:.2f}")
+    if args.json:
+        out = json.dumps({"layout": layout, "rows": k, "reps": args.reps, "median_s": med, "rss_mb": rss, "floor": parts,
+                          "runs": {s: [round(r["wall_s"], 4) for r in v] for s, v in res.items()}}, indent=1)
+        print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")
+    return 0

@@ -83,7 +83,7 @@ def vocab_size(model) -> int:
     return int(getattr(model.config, "vocab_size", 0) or 1)
 
 
-def pieces(enc, vocab: int, limit: int = None) -> list:
+def pieces(enc, vocab: int, limit: int | None = None) -> list:
     """`enc` (a tokenised batch) as consecutive groups of texts whose float32 logits stay under `limit`
     bytes (LOGITS_BYTES): the whole batch when it fits, else as many texts as fit (one at least)."""
     limit = LOGITS_BYTES if limit is None else limit
