@@ -201,5 +201,8 @@ def floor_main(args) -> int:
     if args.json:
         out = json.dumps({"layout": layout, "rows": k, "reps": args.reps, "median_s": med, "rss_mb": rss, "floor": parts,
                           "runs": {s: [round(r["wall_s"], 4) for r in v] for s, v in res.items()}}, indent=1)
-        print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")
+        if args.json == "-":
+            print(out)
+        else:
+            Path(args.json).write_text(out + "\n")
     return 0
