@@ -1,7 +1,8 @@
 """The scale curve drawn as a small log-log SVG (--svg, or --plot JSON --svg PATH from an earlier run).
 
 ``curve_svg`` plots the median wall time of the naive apply, the naive compute, cp -r, apply -o,
-patchkit compute, apply --in-place and revert --in-place against the checkpoint's size, one
+patchkit compute, apply --in-place, revert --in-place and the floor of an in-place apply (when the run
+measured it) against the checkpoint's size, one
 coloured line each, from the report that the --sizes run prints and writes as JSON. Standard
 library only; the file is written whole.
 """
@@ -17,7 +18,7 @@ def curve_svg(report: dict, path: Path) -> None:
 
     series = [("a", "naive apply", "#c0392b"), ("f-naive", "naive compute", "#e67e22"), ("b", "cp -r", "#7f8c8d"),
               ("c", "apply -o", "#2980b9"), ("f", "patchkit compute", "#8e44ad"), ("d", "apply --in-place", "#27ae60"),
-              ("e", "revert --in-place", "#16a085")]
+              ("e", "revert --in-place", "#16a085"), ("floor", "floor of in-place", "#000000")]
     sizes = report["sizes"]
     xs = [s["bytes"] / 1e9 for s in sizes]
     ys = [s["results"][k]["wall_s"] for s in sizes for k, _, _ in series if k in s["results"]]
@@ -41,6 +42,7 @@ def curve_svg(report: dict, path: Path) -> None:
         out += [f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{h - bottom}" stroke="#eee"/>',
                 f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{s["layout"]}</text>',
                 f'<text x="{px(x):.1f}" y="{h - bottom + 30}" text-anchor="middle">{x:.2f} GB</text>']
+    series = [t for t in series if any(t[0] in s["results"] for s in sizes)]
     for i, (k, label, color) in enumerate(series):
         pts = [(px(x), py(s["results"][k]["wall_s"])) for s, x in zip(sizes, xs) if k in s["results"]]
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
