@@ -419,7 +419,7 @@ def test_applying_to_a_checkpoint_that_already_holds_the_patch_says_so(ckpts, ma
     """A checkpoint patched elsewhere (or uploaded without .patchkit/) is not 'another base'; one that
     holds the patch's result in some tensors only is, and the first such tensor is named."""
     from patchkit.core import state as st
-    from patchkit.core.stfile import write_rows
+    from patchkit.core.tensorio import write_rows
 
     base = ckpts[("bf16", False)]
     path = make_patch(base)

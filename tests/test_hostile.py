@@ -20,7 +20,7 @@ from helpers import snapshot
 from patchkit.core import journal as jn
 from patchkit.core import ops, records, writes
 from patchkit.core import state as st
-from patchkit.core import stfile
+from patchkit.core import stfile, tensorio
 from patchkit.core.checkpoint import Checkpoint
 from patchkit.errors import CheckpointError
 from test_safety import assert_clean_error
@@ -188,7 +188,7 @@ def test_garbage_collection_removes_only_names_patchkit_makes(world, cli_runner)
 # ---- 4. a shard rewritten between plan and write ----------------------------------------------------------
 def _resave_with_longer_header(path: Path) -> bytes:
     h = stfile.read_header(path)
-    arrays = {n: (i.dtype, stfile.read_tensor(i)) for n, i in h.tensors.items()}
+    arrays = {n: (i.dtype, tensorio.read_tensor(i)) for n, i in h.tensors.items()}
     data = stfile.serialize(arrays, {**h.metadata, "note": "x" * 200})
     path.write_bytes(data)
     return data

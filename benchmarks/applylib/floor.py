@@ -103,7 +103,7 @@ def floor_plan(ckpt: Path, patch_path: Path, out: Path) -> dict:
     """Write the child's plan for `patch_path` on `ckpt` (bf16 rows sharing one edit row) to `out`."""
     from patchkit.core.checkpoint import Checkpoint
     from patchkit.core.patchfile import Patch
-    from patchkit.core.stfile import row_runs
+    from patchkit.core.tensorio import row_runs
 
     ck, patch = Checkpoint(ckpt), Patch.load(patch_path)
     files: list[str] = []

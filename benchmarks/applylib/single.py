@@ -70,7 +70,7 @@ def build_patch(ckpt: Path, out: Path) -> dict:
 def compare_gate_tensors(naive_out: Path, pk_out: Path) -> bool:
     """Do the naive result and patchkit's result hold the same gate_proj bytes? (a sanity check)"""
     from patchkit.core.checkpoint import Checkpoint
-    from patchkit.core.stfile import read_tensor
+    from patchkit.core.tensorio import read_tensor
 
     try:
         a, b = Checkpoint(naive_out), Checkpoint(pk_out)

@@ -34,7 +34,7 @@ def gate_digest(ckpt: Path, cfg: dict) -> str:
     import hashlib
 
     from patchkit.core.checkpoint import Checkpoint
-    from patchkit.core.stfile import read_tensor
+    from patchkit.core.tensorio import read_tensor
 
     ck, h = Checkpoint(ckpt), hashlib.sha256()
     for name in gate_names(cfg):

@@ -1,7 +1,7 @@
 """patchkit.core: checkpoints, patch files and what is done with them, byte for byte.
 
-Here live the safetensors reader and writer (stfile), the dtypes' rounding in numpy (dtypes), a
-checkpoint folder (checkpoint), the patch file format and one tensor's edit (patchfile), the
+Here live the safetensors reader and writer (stfile), a tensor's rows read and written in place
+(tensorio), the dtypes' rounding in numpy (dtypes), a checkpoint folder (checkpoint), the patch file format and one tensor's edit (patchfile), the
 arithmetic of the v1.1 encodings, lowrank and scale (encodings), fitting a lowrank edit (lowrank), the
 bounded checks of a patch file's metadata and arrays (patchcheck), planning apply/revert (plan),
 carrying a plan out (writes) and the commands apply/revert/status (ops) under the `.patchkit/`

@@ -1,6 +1,6 @@
 """Local Hugging Face checkpoint folders of safetensors weights: which tensor lives where.
 
-Reads headers only; rows are read and written with `patchkit.core.stfile`. No math here.
+Reads headers only; rows are read and written with `patchkit.core.tensorio`. No math here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import BaseMismatchError, CheckpointError
 from .state import STATE_DIR
-from .stfile import STFormatError, TensorInfo, open_regular, read_header, read_rows
+from .stfile import STFormatError, TensorInfo, open_regular, read_header
+from .tensorio import read_rows
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 

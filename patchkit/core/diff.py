@@ -22,7 +22,7 @@ from .dtypes import FLOAT_DTYPES, STORAGE, to_float
 from .lowrank import DEFAULT_MAX_RANK, fit_lowrank
 from .parallel import map_ordered
 from .patchfile import Patch, TensorEdit, make_edit, rows_hash
-from .stfile import read_rows
+from .tensorio import read_rows
 
 CHUNK_BYTES = 16 * 1024 * 1024  # per thread
 BOUNDS_BLOCK_ELEMENTS = 1 << 16

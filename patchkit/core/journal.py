@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import CheckpointError, LockedError
 from .records import Deferred, Stored, read_record, regular_file, row_arrays, rows_from_arrays, write_record
 from .state import ID, State, checked_state_dir, collect_garbage, load_state, read_undo, save_state, state_dir
-from .stfile import STFormatError, write_rows
+from .stfile import STFormatError
+from .tensorio import write_rows
 
 JOURNAL = "journal.safetensors"
 

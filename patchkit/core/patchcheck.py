@@ -283,7 +283,8 @@ def refuse_unsupported(path: Path, header, meta: dict[str, str], unsupported: tu
     (its content id matches its bytes, whatever the dtypes), PatchFormatError if it is damaged."""
     import hashlib
 
-    from .stfile import encode_header, open_regular, pread_exact
+    from .stfile import encode_header, open_regular
+    from .tensorio import pread_exact
 
     infos = [header.tensors[n] for n in sorted(header.tensors)]
     h = hashlib.sha256(encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in infos],

@@ -21,7 +21,8 @@ from .dtypes import FLOAT_DTYPES, add_to_rows, from_float, is_finite, named, sho
 from .encodings import factorize
 from .patchcheck import dumps
 from .sharing import find as find_sharing, holds as sharing_holds, stored as stored_arrays
-from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, read_tensor, serialize
+from .stfile import STFormatError, atomic_write_bytes, open_regular, patch_tensor_limit, read_header, serialize
+from .tensorio import read_tensor
 
 FORMAT_NAME = "patchkit.patch"
 FORMAT_VERSION = 1

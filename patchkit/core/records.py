@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .dtypes import STORAGE
-from .stfile import atomic_write_bytes, data_bytes, encode_header, open_regular, pread_exact, read_header
+from .stfile import atomic_write_bytes, data_bytes, encode_header, open_regular, read_header
+from .tensorio import pread_exact
 
 PIECE = 16 << 20  # bytes of a stored array read at once while its checksum is checked
 

@@ -30,7 +30,8 @@ import numpy as np
 from ..errors import CheckpointError
 from .fsutil import is_own_temp
 from .records import canonical, check_rows, read_record, regular_file, row_arrays, rows_from_arrays, write_record
-from .stfile import STFormatError, atomic_write_bytes, open_regular, read_header, read_tensor
+from .stfile import STFormatError, atomic_write_bytes, open_regular, read_header
+from .tensorio import read_tensor
 
 STATE_DIR = ".patchkit"
 STATE_FILE = "state.json"

@@ -25,7 +25,7 @@ from .fsutil import is_own_temp, staged_folder, temp_file
 from .parallel import map_ordered
 from .plan import Plan
 from .records import ChangedOnDisk
-from .stfile import write_rows
+from .tensorio import write_rows
 
 
 def check_output(ckpt_path: Path, output: Path, overwrite: bool) -> None:

@@ -20,7 +20,7 @@ from ..core import state as st
 from ..core.checkpoint import Checkpoint
 from ..core.dtypes import STORAGE, compute_dtype, from_float, to_float
 from ..core.patchfile import Patch, TensorEdit, rows_hash
-from ..core.stfile import read_rows
+from ..core.tensorio import read_rows
 from ..errors import ProbeError, UnsupportedError
 from .probefile import ProbeArrays, read_probe
 from .select import (

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.stfile import STFormatError, atomic_write_bytes, read_header, read_tensor, serialize
+from ..core.stfile import STFormatError, atomic_write_bytes, read_header, serialize
+from ..core.tensorio import read_tensor
 from ..errors import ProbeError
 
 FORMAT = "patchkit-probe"
