@@ -100,18 +100,18 @@ def _sha256(buf) -> str:
 
 
 def write_record(path: Path, arrays: dict[str, tuple[str, np.ndarray | Deferred]], meta: dict[str, str],
-                 fsync: bool = True, digests: dict[str, str] | None = None) -> None:
-    """A safetensors file whose metadata carries `sha256` over its other metadata and its arrays.
-    `digests`: the sha256 of some arrays' bytes, already known (the rows a plan has hashed). A
+                 fsync: bool = True) -> None:
+    """A safetensors file whose metadata carries `sha256` over its other metadata and its arrays. A
     `Deferred` array is made when its turn comes in the file (the next one while this one is
-    written), so that at most two are in memory at once."""
-    digests = dict(digests or {})
+    written), so that at most two are in memory at once; its sha256, when known in advance (the rows
+    a plan has hashed), is not computed again."""
+    digests = {}
     items, entries = [], []  # in name order, which is the order of the file
     for name in sorted(arrays):
         dtype, a = arrays[name]
         if isinstance(a, Deferred):
             if a.sha256 is not None:
-                digests.setdefault(name, a.sha256)
+                digests[name] = a.sha256
         else:
             a = np.ascontiguousarray(a, dtype=STORAGE[dtype])
         shape = tuple(a.shape)

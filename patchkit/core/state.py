@@ -200,17 +200,14 @@ def undo_path(ckpt_path: Path, patch_id: str) -> Path:
     return state_dir(ckpt_path) / UNDO_DIR / f"{patch_id}.safetensors"
 
 
-def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True,
-               hashes: dict[str, str] | None = None) -> Path:
+def write_undo(ckpt_path: Path, patch_id: str, originals: dict[str, tuple[np.ndarray, np.ndarray]], fsync: bool = True) -> Path:
     """originals: tensor name -> (rows int64, raw original bytes uint8 [n, row_bytes], or a
-    `records.Deferred` that makes them when their turn comes in the file); hashes: tensor name ->
-    sha256 of those bytes, where the caller has it already."""
+    `records.Deferred` that makes them when their turn comes in the file, with their sha256 when the
+    plan has it)."""
     p = undo_path(ckpt_path, patch_id)
     checked_state_dir(ckpt_path, create=True)
     _plain_dir(p.parent, create=True)
-    digests = {f"{name}::orig": h for name, h in (hashes or {}).items()}
-    write_record(p, row_arrays(originals, "::orig"), {"format": "patchkit.undo", "patch_id": patch_id}, fsync=fsync,
-                 digests=digests)
+    write_record(p, row_arrays(originals, "::orig"), {"format": "patchkit.undo", "patch_id": patch_id}, fsync=fsync)
     return p
 
 
