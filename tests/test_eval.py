@@ -324,6 +324,22 @@ def test_controls_are_matched_to_the_patchs_kl_by_default(tiny):
         _run(tiny, controls=True, control_kinds=["random-layers"])
 
 
+def test_matched_controls_are_measured_once(tiny, monkeypatch):
+    """The capability the KL search measured is the one reported: no patch or control is measured twice."""
+    from patchkit.evaluation.capability import CapabilityMeter
+
+    measured, real = [], CapabilityMeter.measure
+
+    def spy(self, patch):
+        measured.append(patch.id)
+        return real(self, patch)
+
+    monkeypatch.setattr(CapabilityMeter, "measure", spy)
+    r = _run(tiny, controls=True)
+    assert len(measured) == len(set(measured))  # every patch measured once, whatever the search tried
+    assert {c.patch_id for c in r.conditions[1:]} <= set(measured) and measured[0] == r.conditions[1].patch_id
+
+
 def test_report_and_attach(tiny, tmp_path):
     r = _run(tiny, controls=True)
     page = write_report(r, tmp_path / "report")

@@ -215,13 +215,14 @@ def evaluate(model_path, patches: Sequence = (), prompts: str | Sequence[str] = 
             raise DataError("matching the controls' KL needs benign text; give some, or match their strength instead")
         meter = CapabilityMeter(model, tok, benign_list, batch_size)
     for p in loaded:
-        conds.append((Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p, base_rows)), p))
+        pc = Condition(p.id[:12], "patch", p.id, label=p.description or p.id[:12], rows=p.rows, edit_norm=edit_norm(p, base_rows))
+        conds.append((pc, p))
         if controls:
             # a projection patch's label-shuffled controls share one pass over its data's features
             wanted = set(control_kinds or known)
             feats = projection_features(model, p, data=control_data and load_data(control_data, model=path)) if (
                 (p.provenance or {}).get("method") == "projection" and "label-shuffled" in wanted) else None
-            conds += _control_conditions(model, p, range(seed, seed + control_seeds), feats, meter, base_rows, say, wanted)
+            conds += _control_conditions(model, pc, p, range(seed, seed + control_seeds), feats, meter, base_rows, say, wanted)
     gen_kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat": use_chat}
     for cond, p in conds:
         t0 = time.monotonic()
@@ -305,12 +306,16 @@ def _judge_view(model, judge_objs):
         yield
 
 
-def _control_conditions(model, patch: Patch, seeds, feats, meter, base_rows, say, kinds) -> list[tuple[Condition, Patch]]:
+def _control_conditions(model, cond: Condition, patch: Patch, seeds, feats, meter, base_rows, say, kinds) -> list[tuple[Condition, Patch]]:
     """The patch's controls (evaluation.controls, by its method), one per kind and seed: at the strength
     whose KL matches the patch's when `meter` is given (each seed starts from the previous seed's), else
-    at the patch's own strength."""
+    at the patch's own strength. With a meter, the patch's `cond` and each control keep the capability
+    the search measured (the meter's numbers do not change: `_capability` does not measure them again)."""
     out, start = [], {}
-    target = meter.measure(patch)["kl"] if meter is not None else None
+    target = None
+    if meter is not None:
+        cond.capability = meter.measure(patch)
+        target = cond.capability["kl"]
     for s in seeds:
         for kind, build in control_builders(model, patch, s, features=feats):
             if kind not in kinds:
@@ -325,14 +330,16 @@ def _control_conditions(model, patch: Patch, seeds, feats, meter, base_rows, say
                 say(f"control {kind} #{s} of {patch.id[:12]}: strength x{m.strength:.3g}, KL {m.capability.get('kl') or 0:.4g} "
                     f"for the patch's {target or 0:.4g} ({m.evaluations} evaluations)")
             out.append((Condition(f"{patch.id[:12]}/{kind}#{s}", kind, c.id, patch.id, label, c.rows, edit_norm(c, base_rows), s,
-                                  strength=strength), c))
+                                  strength=strength, capability=m.capability if meter is not None else {}), c))
     return out
 
 
 def _capability(meter: CapabilityMeter, conds) -> None:
-    """Perplexity of each condition on the meter's texts, and mean next-token KL(base || condition)."""
+    """Perplexity of each condition on the meter's texts, and mean next-token KL(base || condition),
+    where the control search has not measured it already."""
     for c, p in conds:
-        c.capability = meter.base if p is None else meter.measure(p)
+        if not c.capability:
+            c.capability = meter.base if p is None else meter.measure(p)
 
 
 # ------------------------------------------------------------------------------------------- attach
